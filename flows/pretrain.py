@@ -1,0 +1,112 @@
+"""The ``pretrain`` flow: download -> tokenize -> vocab -> train -> evaluate.
+
+Wiring only; each stage is a task in ``tasks/`` and the work is in ``mlm_core``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from mlm_core.config import DownloadConfig, EvalConfig, RuntimeConfig, TokenizeConfig, TrainConfig, VocabConfig
+from mlm_core.download import download_key
+from mlm_core.shards import tokenize_key
+from mlm_core.vocab import vocab_key
+from tasks import tracking
+from tasks.common import run_cached, stage_dir
+from tasks.download import download_stage
+from tasks.evaluate import evaluate_stage
+from tasks.tokenize import tokenize_stage
+from tasks.train import train_stage
+from tasks.vocab import vocab_stage
+
+
+@flow(name="pretrain", description="Pre-train a Japanese BERT masked LM from scratch and evaluate it.")
+def pretrain(
+    download: DownloadConfig = DownloadConfig(),
+    tokenize: TokenizeConfig = TokenizeConfig(),
+    vocab: VocabConfig = VocabConfig(),
+    train: TrainConfig = TrainConfig(),
+    evaluate: EvalConfig = EvalConfig(),
+    runtime: RuntimeConfig = RuntimeConfig(),
+    workdir: str = "melos-work",
+    experiment: str = "melos",
+    resume: bool = False,
+) -> dict:
+    """Run the whole pipeline; returns the evaluation metrics and the MLflow run id.
+
+    Args:
+        download: corpus sources and how to read them.
+        tokenize: sentence split, held-out share and Parquet sharding.
+        vocab: WordPiece vocabulary size and minimum frequency.
+        train: model size, optimisation and masking.
+        evaluate: the fixed evaluation mask and fill-mask examples.
+        runtime: device, precision and threads (speed only).
+        workdir: directory for every stage's outputs (relative to the working directory).
+        experiment: MLflow experiment name.
+        resume: continue the last interrupted training run with the same settings.
+    """
+    logger = get_run_logger()
+    workdir = str(Path(workdir).resolve())
+    parent = tracking.start_parent(
+        experiment,
+        run_name=flow_run.name or "pretrain",
+        tags={tracking.TAG_FLOW_RUN: str(flow_run.id), tracking.TAG_FLOW_RUN_NAME: flow_run.name or ""},
+    )
+    logger.info("MLflow run %s (tracking URI %s)", parent, tracking.tracking_uri())
+    parent_run = tracking.StageRun(parent)
+    parent_run.log_params(
+        {"download": download.model_dump(), "tokenize": tokenize.model_dump(), "vocab": vocab.model_dump(),
+         "train": train.model_dump(), "evaluate": evaluate.model_dump(), "runtime": runtime.model_dump(),
+         "workdir": workdir, "resume": resume}
+    )
+    common = {"workdir": workdir, "parent_run_id": parent}
+    try:
+        documents = run_cached(download_stage, stage_dir(workdir, "download", download_key(download)), cfg=download, **common)
+        note_cached(documents, parent)
+        shards = run_cached(
+            tokenize_stage, stage_dir(workdir, "tokenize", tokenize_key(documents["fingerprint"], tokenize)),
+            documents=documents, cfg=tokenize, **common,
+        )
+        note_cached(shards, parent)
+        vocabulary = run_cached(
+            vocab_stage, stage_dir(workdir, "vocab", vocab_key(shards["fingerprint"], vocab)),
+            shards=shards, cfg=vocab, **common,
+        )
+        note_cached(vocabulary, parent)
+        trained = train_stage(shards=shards, vocab=vocabulary, cfg=train, runtime=runtime, resume=resume, **common)
+        report = evaluate_stage(
+            shards=shards, vocab=vocabulary, trained=trained, cfg=evaluate, runtime=runtime, **common
+        )
+    except BaseException:
+        tracking.end_run(parent, "FAILED")
+        raise
+    tracking.end_run(parent, "FINISHED")
+    return {
+        "mlflow_run_id": parent,
+        "metrics": report["metrics"],
+        "fill_mask": report["fill_mask"],
+        "report": report["report"],
+        "model_dir": trained["model_dir"],
+        "stages": {r["stage"]: r["mlflow_run_id"] for r in (documents, shards, vocabulary, trained, report)},
+    }
+
+
+def note_cached(record: dict, parent_run_id: str) -> None:
+    """A stage restored from Prefect's cache did not run, so it made no MLflow run of its
+    own here: record one, tagged cached, pointing at the run that produced the output."""
+    if record.get("flow_run_id") == str(flow_run.id):
+        return
+    with tracking.stage_run(
+        parent_run_id,
+        record["stage"],
+        {tracking.TAG_CACHED: "true", "melos.source_run_id": record["mlflow_run_id"], "melos.key": record["key"]},
+    ) as run:
+        run.log_params({"dir": record["dir"], "fingerprint": record["fingerprint"]}, record["stage"])
+        run.log_metrics({f"{record['stage']}/{k}": v for k, v in record["counts"].items() if not isinstance(v, dict)})
+
+
+if __name__ == "__main__":
+    pretrain()

@@ -1,0 +1,171 @@
+"""One typed, documented config per pipeline stage.
+
+Only settings that change *what is computed* live here and go into fingerprints; settings
+that change only *how fast* (device, precision, threads, timeouts) live in ``RuntimeConfig``
+or are marked in ``SPEED_ONLY`` so a faster machine reuses the same cached outputs.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+EMBEDDED_SOURCE = "embedded"
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ()
+
+    def fingerprint_fields(self) -> dict:
+        """The fields that decide the stage's output (everything but speed-only knobs)."""
+        return self.model_dump(exclude=set(self.SPEED_ONLY))
+
+
+class DownloadConfig(_Config):
+    """Stage 1: where the raw documents come from and how they are read."""
+
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("timeout_s", "max_bytes")
+
+    sources: list[str] = Field(
+        default_factory=lambda: [EMBEDDED_SOURCE],
+        description=(
+            "Corpus sources, several allowed: 'embedded' (走れメロス, shipped with Melos), "
+            "a local .zip or .txt path, or an http(s) URL of an Aozora Bunko ZIP."
+        ),
+    )
+    encoding: str = Field(
+        "auto",
+        description="Text encoding: 'auto' (UTF-8 if valid, else cp932 as Aozora uses) or a codec name.",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="HTTP connect/read timeout in seconds.")
+    max_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Refuse a download or ZIP member larger than this many bytes (guards against zip bombs).",
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _non_empty(cls, sources: list[str]) -> list[str]:
+        cleaned = [s.strip() for s in sources if s and s.strip()]
+        if not cleaned:
+            raise ValueError("sources is empty: give at least one source ('embedded', a path or a URL)")
+        return cleaned
+
+
+class TokenizeConfig(_Config):
+    """Stage 2: sentence splitting, MeCab words, held-out split and Parquet sharding."""
+
+    heldout_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of sentences held out for evaluation, chosen by a hash of the sentence text.",
+    )
+    split_salt: str = Field(
+        "melos-heldout-v1",
+        description="Salt of the held-out hash; change it to draw a different (still deterministic) split.",
+    )
+    max_rows_per_shard: int = Field(100_000, gt=0, description="Sentences per Parquet shard file.")
+    row_group_size: int = Field(10_000, gt=0, description="Rows per Parquet row group (the streaming unit).")
+
+
+class VocabConfig(_Config):
+    """Stage 3: WordPiece vocabulary over MeCab words (as Tohoku's Japanese BERT)."""
+
+    vocab_size: int = Field(8000, ge=32, description="Target vocabulary size, special tokens included.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a WordPiece merge.")
+    limit_alphabet: int | None = Field(
+        None, ge=1, description="Keep at most this many initial characters (None: all seen characters)."
+    )
+    max_input_chars_per_word: int = Field(100, ge=1, description="Longer words become [UNK].")
+
+
+class TrainConfig(_Config):
+    """Stage 4: model size, optimisation and masking."""
+
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("checkpoint_every", "keep_checkpoints", "log_every")
+
+    # --- model size -------------------------------------------------------------------
+    hidden_size: int = Field(128, gt=0, description="Transformer width.")
+    num_layers: int = Field(2, gt=0, description="Number of encoder layers.")
+    num_heads: int = Field(2, gt=0, description="Attention heads per layer.")
+    intermediate_size: int = Field(512, gt=0, description="Feed-forward inner width.")
+    max_length: int = Field(128, ge=8, description="Max tokens per sequence, [CLS] and [SEP] included.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Hidden and attention dropout.")
+
+    # --- optimisation -----------------------------------------------------------------
+    seed: int = Field(0, description="Seed for initialisation, data order, masking and dropout.")
+    epochs: float = Field(40.0, gt=0, description="Passes over the training sentences (ignored if max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps.")
+    batch_size: int = Field(32, gt=0, description="Sentences per optimiser step.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW decoupled weight decay (not on biases/LayerNorm).")
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    length_group_size: int = Field(
+        50,
+        ge=1,
+        description="Batch sentences of similar length within groups of this many batches (1: plain shuffle).",
+    )
+
+    # --- masking ----------------------------------------------------------------------
+    mask_rate: float = Field(0.15, gt=0.0, lt=1.0, description="Share of maskable tokens selected for prediction.")
+    mask_token_prob: float = Field(0.8, ge=0.0, le=1.0, description="Selected tokens replaced by [MASK].")
+    random_token_prob: float = Field(0.1, ge=0.0, le=1.0, description="Selected tokens replaced by a random token.")
+    masking: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="'dynamic': a fresh mask each time a sentence is seen; 'static': one fixed mask per sentence.",
+    )
+
+    # --- bookkeeping (speed/ops only) ---------------------------------------------------
+    checkpoint_every: int = Field(200, gt=0, description="Save a checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many step checkpoints to keep.")
+    log_every: int = Field(1, gt=0, description="Log loss / lr / tokens-per-second every N steps.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.mask_token_prob + self.random_token_prob > 1.0:
+            raise ValueError(
+                f"mask_token_prob ({self.mask_token_prob}) + random_token_prob "
+                f"({self.random_token_prob}) must not exceed 1"
+            )
+        return self
+
+
+class EvalConfig(_Config):
+    """Stage 5: fixed evaluation masking so runs with different training masks compare."""
+
+    mask_rate: float = Field(0.15, gt=0.0, lt=1.0, description="Share of held-out tokens masked.")
+    seed: int = Field(1234, description="Seed of the evaluation mask (fixed across runs).")
+    passes: int = Field(
+        5,
+        ge=1,
+        description="Score the held-out split this many times, each with its own fixed mask (more positions, less noise).",
+    )
+    batch_size: int = Field(64, gt=0, description="Sentences per evaluation batch.")
+    top_k: int = Field(5, ge=1, description="How many predictions fill-mask examples show.")
+    fill_mask_examples: list[str] = Field(
+        default_factory=lambda: [
+            "メロスは[MASK]した。",
+            "メロスには[MASK]がわからぬ。",
+            "私は、[MASK]を信じている。",
+        ],
+        description="Sentences with [MASK] whose predictions go into the report.",
+    )
+
+
+class RuntimeConfig(_Config):
+    """How fast, never what: none of this enters a fingerprint."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto': bf16 autocast on CUDA, fp32 on CPU."
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default).")

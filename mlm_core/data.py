@@ -1,0 +1,188 @@
+"""Training data: shards -> subword ids on disk -> padded batches.
+
+The shards' MeCab words are encoded once per (shards, vocabulary, max length) into a flat
+``ids.bin`` (uint16 or int32) plus ``offsets.npy``, read back through ``np.memmap``:
+training memory stays flat however large the corpus, and any sentence is one slice away,
+which makes the batch order a pure function of ``(seed, epoch)`` and resuming exact.
+
+A sentence longer than ``max_length - 2`` subwords is cut into consecutive windows rather
+than truncated, so no text is silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .io import atomic_dir, atomic_write_json, fingerprint, read_json
+from .masking import MaskSpec, mask_batch
+from .shards import iter_rows
+from .tokenizer import WordPieceTokenizer
+
+ENCODE_VERSION = 1
+
+
+def encode_key(shards_fingerprint: str, vocab_fingerprint: str, split: str, max_length: int) -> str:
+    return fingerprint("encode", ENCODE_VERSION, shards_fingerprint, vocab_fingerprint, split, max_length)
+
+
+def encode_shards(paths: list[Path], tokenizer: WordPieceTokenizer, out_dir: Path, max_length: int, key: str) -> Path:
+    """Encode the ``words`` of the shards into ``out_dir`` (skipped when already there)."""
+    if (out_dir / "meta.json").exists() and read_json(out_dir / "meta.json").get("key") == key:
+        return out_dir
+    window = max_length - 2  # room for [CLS] and [SEP]
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+    n_tokens = 0
+    offsets = [0]
+    with atomic_dir(out_dir) as tmp:
+        with open(tmp / "ids.bin", "wb") as fh:
+            for batch in iter_rows(paths, ["words"]):
+                for ids in tokenizer.encode_words_batch(batch.column(0).to_pylist()):
+                    for start in range(0, max(len(ids), 1), window):
+                        piece = ids[start : start + window]
+                        if not piece:
+                            continue
+                        fh.write(np.asarray(piece, dtype=dtype).tobytes())
+                        n_tokens += len(piece)
+                        offsets.append(n_tokens)
+        np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        atomic_write_json(
+            tmp / "meta.json",
+            {"key": key, "dtype": np.dtype(dtype).name, "sequences": len(offsets) - 1, "tokens": n_tokens,
+             "max_length": max_length, "vocab_size": len(tokenizer)},
+        )
+    return out_dir
+
+
+class EncodedCorpus:
+    """Random access to encoded sequences (without [CLS]/[SEP])."""
+
+    def __init__(self, path: Path) -> None:
+        meta = read_json(path / "meta.json")
+        self.meta = meta
+        self.offsets = np.load(path / "offsets.npy", mmap_mode="r")
+        self.ids = (
+            np.memmap(path / "ids.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+            if meta["tokens"]
+            else np.zeros(0, dtype=np.dtype(meta["dtype"]))
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(np.asarray(self.offsets))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.meta["tokens"])
+
+
+@dataclass
+class Batch:
+    input_ids: np.ndarray  # (B, T) int64, masked
+    attention_mask: np.ndarray  # (B, T) bool
+    labels: np.ndarray  # (B, T) int64, -100 where not scored
+    n_tokens: int  # real (non-padding) tokens
+
+
+def collate(
+    corpus: EncodedCorpus,
+    indices: np.ndarray,
+    tokenizer: WordPieceTokenizer,
+    spec: MaskSpec,
+    row_keys: list[tuple[int, ...]],
+) -> Batch:
+    """[CLS] ids [SEP] per row, padded to the longest row, then masked."""
+    rows = [corpus[int(i)] for i in indices]
+    T = max(len(r) for r in rows) + 2
+    ids = np.full((len(rows), T), tokenizer.pad_id, dtype=np.int64)
+    for b, r in enumerate(rows):
+        ids[b, 0] = tokenizer.cls_id
+        ids[b, 1 : len(r) + 1] = r
+        ids[b, len(r) + 1] = tokenizer.sep_id
+    attention = ids != tokenizer.pad_id
+    maskable = ids >= tokenizer.num_special
+    masked, labels = mask_batch(
+        ids, maskable, row_keys, spec,
+        mask_id=tokenizer.mask_id, vocab_size=len(tokenizer), first_regular_id=tokenizer.num_special,
+    )
+    return Batch(masked, attention, labels, int(attention.sum()))
+
+
+class BatchPlan:
+    """Which sentences form global step ``s``: a pure function of (seed, step).
+
+    Epoch ``e`` visits every sentence once, in an order drawn from ``(seed, e)``. With
+    ``group_size > 1``, the shuffled sentences are cut into groups of ``group_size`` batches,
+    each group is sorted by length and cut into batches, and the batches are shuffled
+    again: batches hold sentences of similar length, so far less compute goes to padding,
+    while every batch still comes from a random part of the corpus. The last batch of an
+    epoch may be smaller.
+    """
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, group_size: int = 1) -> None:
+        self.n = len(lengths)
+        if self.n == 0:
+            raise ValueError("no training sequences to batch")
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.seed, self.group_size = batch_size, seed, max(1, group_size)
+        self.steps_per_epoch = math.ceil(self.n / batch_size)
+        self._epoch = -1
+        self._batches: list[np.ndarray] = []
+
+    def total_steps(self, epochs: float, max_steps: int | None) -> int:
+        return max_steps if max_steps is not None else max(1, math.ceil(epochs * self.steps_per_epoch))
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch])
+        perm = rng.permutation(self.n)
+        span = self.batch_size * self.group_size
+        batches: list[np.ndarray] = []
+        for start in range(0, self.n, span):
+            group = perm[start : start + span]
+            if self.group_size > 1:
+                group = group[np.argsort(self.lengths[group], kind="stable")]
+            batches += [group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+        if self.group_size > 1:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def indices(self, step: int) -> tuple[int, np.ndarray]:
+        epoch, b = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._batches, self._epoch = self._epoch_batches(epoch), epoch
+        return epoch, self._batches[b]
+
+    def iter_batches(
+        self,
+        corpus: EncodedCorpus,
+        tokenizer: WordPieceTokenizer,
+        spec: MaskSpec,
+        start_step: int,
+        total_steps: int,
+        static_masking: bool,
+    ) -> Iterator[tuple[int, int, Batch]]:
+        for step in range(start_step, total_steps):
+            epoch, idx = self.indices(step)
+            keys = [(self.seed, int(i)) if static_masking else (self.seed, int(i), epoch) for i in idx]
+            yield step, epoch, collate(corpus, idx, tokenizer, spec, keys)
+
+
+def fixed_eval_batches(
+    corpus: EncodedCorpus, tokenizer: WordPieceTokenizer, spec: MaskSpec, seed: int, batch_size: int, passes: int = 1
+) -> Iterator[Batch]:
+    """Held-out batches in corpus order, ``passes`` times, each pass with its own mask
+    fixed by (seed, pass, sentence)."""
+    for p in range(passes):
+        for start in range(0, len(corpus), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(corpus)))
+            yield collate(corpus, idx, tokenizer, spec, [(seed, p, int(i)) for i in idx])

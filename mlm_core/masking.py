@@ -1,0 +1,85 @@
+"""Masked-LM masking: a pure, seeded function applied at batch time.
+
+Every row's mask is drawn from its own random stream, keyed by integers the caller
+chooses: ``(seed, sentence_id, epoch)`` gives dynamic masking (a fresh mask each time a
+sentence is seen), ``(seed, sentence_id)`` gives static masking (one fixed mask per
+sentence, as in the original notebook). Because the mask does not depend on which other
+sentences share the batch, resuming from a checkpoint reproduces the same masks, and the
+evaluation mask is the same for every run.
+
+Selection draws exactly ``rate * n`` of a row's ``n`` maskable tokens, rounding up or down
+at random so the expected count is exact (a Bernoulli draw per token would often mask
+nothing in a short sentence). Of the selected tokens, ``mask_token_prob`` become [MASK],
+``random_token_prob`` a random regular token, and the rest stay as they are. Labels are
+the original id at selected positions and -100 everywhere else, so the loss counts masked
+tokens only — never padding, never special tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    rate: float = 0.15
+    mask_token_prob: float = 0.8
+    random_token_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.rate < 1.0:
+            raise ValueError(f"mask rate must be in (0, 1), got {self.rate}")
+        if min(self.mask_token_prob, self.random_token_prob) < 0 or self.mask_token_prob + self.random_token_prob > 1:
+            raise ValueError(
+                f"mask_token_prob ({self.mask_token_prob}) and random_token_prob ({self.random_token_prob}) "
+                "must be >= 0 and sum to at most 1"
+            )
+
+
+def mask_batch(
+    input_ids: np.ndarray,
+    maskable: np.ndarray,
+    row_keys: Sequence[Sequence[int]],
+    spec: MaskSpec,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    first_regular_id: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mask a (B, T) batch; returns (masked input ids, labels), both int64 (B, T).
+
+    ``maskable`` is False for padding and special tokens. ``row_keys[b]`` seeds row b.
+    Random replacements are drawn from the regular tokens ``[first_regular_id, vocab_size)``.
+    """
+    B, T = input_ids.shape
+    if len(row_keys) != B:
+        raise ValueError(f"need one key per row: {len(row_keys)} keys for {B} rows")
+    # Per-row streams: selection scores, the [MASK]/random/keep decision, the random
+    # replacement id, and (first column of the last row) the rounding draw.  (B, 4, T)
+    draws = np.empty((B, 4, max(T, 1)))
+    for b, key in enumerate(row_keys):
+        draws[b] = np.random.default_rng([int(k) & 0xFFFFFFFF for k in key]).random((4, max(T, 1)))
+    scores, decide, replace = draws[:, 0, :T], draws[:, 1, :T], draws[:, 2, :T]
+
+    n_maskable = maskable.sum(axis=1)  # (B,)
+    # floor(x + u) with u ~ U(0, 1) rounds x up with probability frac(x): unbiased count
+    k = np.floor(spec.rate * n_maskable + draws[:, 3, 0]).astype(np.int64)  # (B,)
+    scores = np.where(maskable, scores, np.inf)  # non-maskable positions sort last
+    order = np.argsort(scores, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(T)[None, :].repeat(B, axis=0), axis=1)
+    selected = (ranks < k[:, None]) & maskable  # (B, T)
+
+    labels = np.where(selected, input_ids, IGNORE_INDEX).astype(np.int64)
+    masked = input_ids.astype(np.int64, copy=True)
+    to_mask = selected & (decide < spec.mask_token_prob)
+    to_random = selected & (decide >= spec.mask_token_prob) & (decide < spec.mask_token_prob + spec.random_token_prob)
+    random_ids = first_regular_id + np.floor(replace * (vocab_size - first_regular_id)).astype(np.int64)
+    masked[to_mask] = mask_id
+    masked[to_random] = random_ids[to_random]
+    return masked, labels

@@ -1,0 +1,137 @@
+"""Words with MeCab (fugashi + unidic-lite), subwords with WordPiece.
+
+This mirrors Tohoku's Japanese BERT: MeCab splits a sentence into words, then each word
+is split into WordPiece subwords, continuations prefixed with ``##``. The WordPiece model
+is Hugging Face ``tokenizers``' (Rust), fed our MeCab words as pre-tokenised input.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]  # ids 0..4, in this order, in every vocabulary
+CONTINUATION = "##"
+_SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+
+
+class MecabWords:
+    """MeCab word splitter. The fugashi ``Tagger`` is created lazily, once per process:
+    it cannot be pickled, so each worker process must build its own."""
+
+    def __init__(self) -> None:
+        self._tagger = None
+        self._pid = -1
+
+    def _get(self):
+        if self._tagger is None or self._pid != os.getpid():
+            import fugashi  # deferred: importing loads the dictionary
+
+            self._tagger = fugashi.Tagger()
+            self._pid = os.getpid()
+        return self._tagger
+
+    def __call__(self, text: str) -> tuple[list[str], list[str]]:
+        """(surfaces, parts of speech) — copied out before the next parse reuses the nodes."""
+        surfaces: list[str] = []
+        pos: list[str] = []
+        for node in self._get()(text):
+            surface = node.surface
+            if not surface or surface.isspace():
+                continue
+            feature = node.feature
+            pos1, pos2 = feature.pos1, feature.pos2
+            surfaces.append(str(surface))
+            pos.append(f"{pos1}-{pos2}" if pos2 and pos2 != "*" else str(pos1))
+        return surfaces, pos
+
+    def __getstate__(self):  # allow pickling the wrapper (not the tagger) into workers
+        return {}
+
+    def __setstate__(self, state) -> None:
+        self.__init__()
+
+
+class WordPieceTokenizer:
+    """Ids for MeCab words, backed by a BERT-format vocabulary (one token per line)."""
+
+    def __init__(self, vocab: Sequence[str], max_input_chars_per_word: int = 100) -> None:
+        vocab = list(vocab)
+        if vocab[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
+            raise ValueError(
+                f"vocabulary must start with {SPECIAL_TOKENS}, got {vocab[:len(SPECIAL_TOKENS)]}"
+            )
+        if len(set(vocab)) != len(vocab):
+            raise ValueError("vocabulary has duplicate tokens")
+        self.vocab = vocab
+        self.token_to_id = {t: i for i, t in enumerate(vocab)}
+        model = models.WordPiece(
+            vocab=dict(self.token_to_id),
+            unk_token=UNK,
+            max_input_chars_per_word=max_input_chars_per_word,
+            continuing_subword_prefix=CONTINUATION,
+        )
+        self._tok = Tokenizer(model)
+        self._tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = range(len(SPECIAL_TOKENS))
+        self.num_special = len(SPECIAL_TOKENS)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], **kwargs) -> "WordPieceTokenizer":
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        return cls(lines, **kwargs)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(path, "\n".join(self.vocab) + "\n")
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def encode_words_batch(self, batch: Sequence[Sequence[str]]) -> list[list[int]]:
+        """Subword ids of each list of MeCab words (no [CLS]/[SEP])."""
+        if not batch:
+            return []
+        encodings = self._tok.encode_batch(
+            [list(words) for words in batch], is_pretokenized=True, add_special_tokens=False
+        )
+        return [e.ids for e in encodings]
+
+    def words_unknown(self, words: Sequence[str]) -> list[bool]:
+        """Per word: does it end up as [UNK]?"""
+        encodings = self._tok.encode_batch([[w] for w in words], is_pretokenized=True, add_special_tokens=False)
+        return [self.unk_id in e.ids for e in encodings]
+
+    def encode_text(self, text: str, mecab: MecabWords) -> list[int]:
+        """Ids of raw text that may contain literal special tokens such as ``[MASK]``."""
+        ids: list[int] = []
+        for piece in _SPECIAL_RE.split(text):
+            if not piece:
+                continue
+            if piece in self.token_to_id and piece in SPECIAL_TOKENS:
+                ids.append(self.token_to_id[piece])
+            else:
+                words, _ = mecab(piece)
+                if words:
+                    ids.extend(self.encode_words_batch([words])[0])
+        return ids
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self.vocab[i] for i in ids]
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Join subwords back into text (Japanese: no spaces between words)."""
+        out = []
+        for token in self.convert_ids_to_tokens(ids):
+            if skip_special and token in SPECIAL_TOKENS:
+                continue
+            out.append(token[len(CONTINUATION):] if token.startswith(CONTINUATION) else token)
+        return "".join(out)

@@ -1,0 +1,95 @@
+"""Stage 3: a WordPiece vocabulary over MeCab words, saved as BERT's ``vocab.txt``.
+
+As in Tohoku's Japanese BERT, the WordPiece model is trained on words MeCab already split
+(no whitespace pre-tokenisation of raw text), continuations carry ``##``. Training uses Hugging
+Face ``tokenizers``; its trainer consumes an iterator, so the shards stream through it and
+only the word counts live in memory. The vocabulary is built from the training split only,
+so held-out coverage is an honest out-of-sample figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from .config import VocabConfig
+from .io import atomic_dir, atomic_write_json, fingerprint
+from .shards import iter_rows, shard_paths
+from .tokenizer import CONTINUATION, SPECIAL_TOKENS, UNK, WordPieceTokenizer
+
+VOCAB_FILE = "vocab.txt"
+
+
+def vocab_key(upstream_fingerprint: str, cfg: VocabConfig) -> str:
+    return fingerprint("vocab", upstream_fingerprint, cfg.fingerprint_fields(), version("tokenizers"))
+
+
+def _word_lines(paths: list[Path]) -> Iterator[str]:
+    for batch in iter_rows(paths, ["words"]):
+        for words in batch.column(0).to_pylist():
+            yield " ".join(words)
+
+
+def train_wordpiece(paths: list[Path], cfg: VocabConfig) -> list[str]:
+    """Train WordPiece on the ``words`` column of the shards; returns tokens in id order."""
+    tok = Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=cfg.max_input_chars_per_word))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer_kwargs = dict(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix=CONTINUATION,
+        show_progress=False,
+    )
+    if cfg.limit_alphabet is not None:
+        trainer_kwargs["limit_alphabet"] = cfg.limit_alphabet
+    tok.train_from_iterator(_word_lines(paths), trainers.WordPieceTrainer(**trainer_kwargs))
+    by_id = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in by_id]
+    assert tokens[: len(SPECIAL_TOKENS)] == SPECIAL_TOKENS, tokens[:8]
+    return tokens
+
+
+def coverage(paths: list[Path], tokenizer: WordPieceTokenizer) -> dict:
+    """Word-level [UNK] rate and subwords per word over the given shards."""
+    words = unknown = subwords = 0
+    for batch in iter_rows(paths, ["words"]):
+        rows = batch.column(0).to_pylist()
+        for ids in tokenizer.encode_words_batch(rows):
+            subwords += len(ids)
+        flat = [w for row in rows for w in row]
+        words += len(flat)
+        unknown += sum(tokenizer.words_unknown(flat))
+    return {
+        "words": words,
+        "unknown_words": unknown,
+        "unk_word_rate": unknown / words if words else 0.0,
+        "subwords_per_word": subwords / words if words else 0.0,
+    }
+
+
+def build_vocab(tokenize_dir: Path, tokenize_manifest: dict, out_dir: Path, cfg: VocabConfig) -> dict:
+    """Run stage 3 into ``out_dir`` (``vocab.txt`` + ``manifest.json``); returns the manifest."""
+    train_paths = shard_paths(tokenize_dir, "train", tokenize_manifest)
+    heldout_paths = shard_paths(tokenize_dir, "heldout", tokenize_manifest)
+    tokens = train_wordpiece(train_paths, cfg)
+    tokenizer = WordPieceTokenizer(tokens, max_input_chars_per_word=cfg.max_input_chars_per_word)
+    with atomic_dir(out_dir) as tmp:
+        tokenizer.save(tmp / VOCAB_FILE)
+        manifest = {
+            "stage": "vocab",
+            "config": cfg.fingerprint_fields(),
+            "upstream_fingerprint": tokenize_manifest["fingerprint"],
+            "fingerprint": vocab_key(tokenize_manifest["fingerprint"], cfg),
+            "counts": {
+                "vocab_size": len(tokens),
+                "continuation_tokens": sum(t.startswith(CONTINUATION) for t in tokens),
+                "special_tokens": len(SPECIAL_TOKENS),
+            },
+            "coverage": {"train": coverage(train_paths, tokenizer), "heldout": coverage(heldout_paths, tokenizer)},
+        }
+        atomic_write_json(tmp / "manifest.json", manifest)
+    return manifest

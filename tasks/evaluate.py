@@ -1,0 +1,79 @@
+"""Prefect task of stage 5: held-out metrics, fill-mask examples, JSON/Markdown report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from mlm_core.checkpoint import load_pretrained
+from mlm_core.config import EvalConfig, RuntimeConfig
+from mlm_core.evaluate import evaluate_heldout, fill_mask, render_markdown, unigram_counts, write_report
+from mlm_core.tokenizer import MecabWords
+from mlm_core.train import resolve_device
+
+from .tracking import StageRun, run_url, stage_run
+from .train import encoded_split, load_tokenizer
+
+
+@task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
+def evaluate_stage(
+    shards: dict, vocab: dict, trained: dict, cfg: EvalConfig, runtime: RuntimeConfig, workdir: str,
+    parent_run_id: str,
+) -> dict:
+    logger = get_run_logger()
+    device, _ = resolve_device(runtime)
+    model, tokenizer = load_pretrained(trained["model_dir"], device)
+    max_length = model.config.max_position_embeddings
+    vocab_tokenizer = load_tokenizer(vocab)
+    train_corpus = encoded_split(shards, vocab, vocab_tokenizer, "train", max_length, workdir)
+    heldout = encoded_split(shards, vocab, vocab_tokenizer, "heldout", max_length, workdir)
+    with stage_run(parent_run_id, "evaluate") as run:
+        run.log_params(cfg.model_dump(), "evaluate")
+        metrics = evaluate_heldout(model, tokenizer, heldout, unigram_counts(train_corpus, len(tokenizer)), cfg, device)
+        mecab = MecabWords()
+        examples = [
+            {"text": text, "predictions": fill_mask(model, tokenizer, text, cfg.top_k, mecab, device)}
+            for text in cfg.fill_mask_examples
+        ]
+        context = {
+            "MLflow parent run": parent_run_id,
+            "MLflow evaluate run": run.run_id,
+            "model": trained["model_dir"],
+            "eval mask": (
+                f"{cfg.mask_rate:.0%} of held-out tokens, all replaced by [MASK], seed {cfg.seed}, "
+                f"{cfg.passes} pass(es) with distinct fixed masks"
+            ),
+        }
+        out_dir = Path(trained["dir"]) / "eval"
+        json_path, md_path = write_report(out_dir, metrics, examples, context)
+        run.log_metrics(metrics)
+        run.log_artifact(json_path)
+        run.log_artifact(md_path)
+        parent = StageRun(parent_run_id)  # the parent carries the headline numbers for run comparison
+        parent.log_metrics(metrics)
+        parent.log_artifact(md_path)
+        logger.info(
+            "held-out top-1 %.4f (unigram %.4f), top-5 %.4f, loss %.4f, ppl %.2f",
+            metrics["eval/top1_accuracy"], metrics["eval/unigram_top1_accuracy"], metrics["eval/top5_accuracy"],
+            metrics["eval/loss"], metrics["eval/perplexity"],
+        )
+        for ex in examples:
+            logger.info("fill-mask %s -> %s", ex["text"], ", ".join(t for t, _ in ex["predictions"][0]))
+    url = run_url(parent_run_id)
+    link = f" ([open in MLflow]({url}))" if url else ""
+    create_markdown_artifact(
+        markdown=f"**MLflow run id:** `{parent_run_id}`{link}\n\n" + render_markdown(metrics, examples, context),
+        key="melos-evaluation",
+        description="Held-out masked-LM evaluation of the pretrain flow run",
+    )
+    return {
+        "stage": "evaluate",
+        "dir": str(out_dir),
+        "metrics": metrics,
+        "fill_mask": examples,
+        "report": str(md_path),
+        "mlflow_run_id": run.run_id,
+    }

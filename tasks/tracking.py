@@ -1,0 +1,152 @@
+"""MLflow bookkeeping for the pipeline: one parent run per flow run, one child per stage.
+
+Run ids are passed explicitly and every call goes through ``MlflowClient``: the fluent
+``mlflow.active_run()`` is thread-local, and Prefect runs tasks in worker threads.
+The default store is ``sqlite:///mlflow.db`` in the working directory (MLflow 3's own
+default, set explicitly so an old ``./mlruns`` folder never switches it); setting
+``MLFLOW_TRACKING_URI`` sends everything to a tracking server instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TAG_FLOW_RUN = "prefect.flow_run_id"
+TAG_FLOW_RUN_NAME = "prefect.flow_run_name"
+TAG_STAGE = "melos.stage"
+TAG_CACHED = "melos.cached"
+_MAX_PARAM_LEN = 6000
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri())
+
+
+def experiment_id(name: str) -> str:
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except Exception:  # created concurrently by another flow run
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def flatten(prefix: str, obj: Any) -> dict[str, str]:
+    """Nested config -> ``{"train.hidden_size": "128", ...}`` as MLflow params."""
+    out: dict[str, str] = {}
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+    else:
+        value = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+        out[prefix] = value[:_MAX_PARAM_LEN]
+    return out
+
+
+class StageRun:
+    """A thin handle on one MLflow run; metrics are buffered and sent in batches."""
+
+    def __init__(self, run_id: str, flush_every: int = 200) -> None:
+        self.run_id = run_id
+        self._client = client()
+        self._pending: list = []
+        self._flush_every = flush_every
+
+    def log_params(self, params: Mapping[str, Any], prefix: str = "") -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flatten(prefix, dict(params)).items()]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        if items:
+            self._client.log_batch(self.run_id, tags=items)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0, flush: bool = True) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if flush or len(self._pending) >= self._flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._pending:
+            chunk, self._pending = self._pending[:1000], self._pending[1000:]
+            self._client.log_batch(self.run_id, metrics=chunk)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: dict, artifact_file: str) -> None:
+        self._client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._client.log_text(self.run_id, text, artifact_file)
+
+
+def start_parent(experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
+    run = client().create_run(experiment_id(experiment), run_name=run_name, tags=dict(tags))
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    client().set_terminated(run_id, status=status)
+
+
+@contextmanager
+def stage_run(parent_run_id: str, stage: str, tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
+    """A nested child run of ``parent_run_id``; FAILED if the block raises."""
+    c = client()
+    parent = c.get_run(parent_run_id)
+    all_tags = {
+        "mlflow.parentRunId": parent_run_id,
+        TAG_STAGE: stage,
+        **{k: v for k, v in parent.data.tags.items() if k in (TAG_FLOW_RUN, TAG_FLOW_RUN_NAME)},
+        **(tags or {}),
+    }
+    run = c.create_run(parent.info.experiment_id, run_name=stage, tags=all_tags)
+    handle = StageRun(run.info.run_id)
+    try:
+        yield handle
+    except BaseException:
+        handle.flush()
+        c.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    handle.flush()
+    c.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def run_url(run_id: str, experiment_id_: str | None = None) -> str | None:
+    """A link into the MLflow UI when tracking to a server; None for a local store."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    exp = experiment_id_ or client().get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"

@@ -1,0 +1,141 @@
+"""Prefect task of stage 4: encode the training split and train, logging to MLflow.
+
+Not retried: a failed or interrupted run is continued with ``resume=True`` from its last
+checkpoint (same settings -> same run directory), which a blind retry could not do better.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from mlm_core.config import RuntimeConfig, TrainConfig
+from mlm_core.data import EncodedCorpus, encode_key, encode_shards
+from mlm_core.io import fingerprint, read_json
+from mlm_core.shards import shard_paths
+from mlm_core.tokenizer import WordPieceTokenizer
+from mlm_core.train import TrainCallback, train_key, train_model
+from mlm_core.vocab import VOCAB_FILE
+
+from .common import MANIFEST
+from .tracking import StageRun, stage_run
+
+
+def load_tokenizer(vocab: dict) -> WordPieceTokenizer:
+    cfg = read_json(Path(vocab["dir"]) / MANIFEST)["config"]
+    return WordPieceTokenizer.from_file(
+        Path(vocab["dir"]) / VOCAB_FILE, max_input_chars_per_word=cfg["max_input_chars_per_word"]
+    )
+
+
+def encoded_split(shards: dict, vocab: dict, tokenizer: WordPieceTokenizer, split: str, max_length: int, workdir: str):
+    """The split's subword ids on disk (encoded once per shards + vocabulary + length)."""
+    key = encode_key(shards["fingerprint"], vocab["fingerprint"], split, max_length)
+    paths = shard_paths(Path(shards["dir"]), split, read_json(Path(shards["dir"]) / MANIFEST))
+    out = encode_shards(paths, tokenizer, Path(workdir).resolve() / "encoded" / key, max_length, key)
+    return EncodedCorpus(out)
+
+
+class MlflowProgress(TrainCallback):
+    """Streams the loop's metrics into the stage's MLflow run and the Prefect log."""
+
+    def __init__(self, run: StageRun, logger) -> None:
+        self.run, self.logger = run, logger
+        self.total = 1
+        self.every = 1
+
+    def on_start(self, info: dict) -> None:
+        self.total = info["total_steps"]
+        self.every = max(1, self.total // 10)
+        self.run.log_params(info, "run")
+        self.logger.info(
+            "training %s parameters (%s without embeddings) on %s sequences / %s tokens, "
+            "%s steps from step %s, ~%.0f tokens per step, device %s, autocast %s",
+            f"{info['parameters']:,}", f"{info['parameters_without_embeddings']:,}", info["train_sequences"],
+            info["train_tokens"], info["total_steps"], info["start_step"], info["tokens_per_step"],
+            info["device"], info["autocast"],
+        )
+
+    def on_history(self, history: list[list[float]]) -> None:
+        # a resumed run shows the whole loss curve, not only the part after the restart
+        for step, loss, lr in history:
+            self.run.log_metrics({"train/loss": loss, "train/lr": lr}, step=int(step), flush=False)
+        self.run.flush()
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log_metrics(metrics, step=step, flush=False)
+        if step % self.every == 0 or step == self.total:
+            self.logger.info(
+                "step %d/%d loss %.4f lr %.2e %.0f tokens/s", step, self.total,
+                metrics["train/loss"], metrics["train/lr"], metrics["train/tokens_per_s"],
+            )
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.run.flush()
+        self.run.set_tags({"melos.last_checkpoint": str(path), "melos.last_checkpoint_step": step})
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    """A fresh run never overwrites an earlier one: its directory is moved aside."""
+    if resume:
+        if not (run_dir / "checkpoints").is_dir():
+            raise FileNotFoundError(
+                f"resume requested, but no earlier run with these settings exists ({run_dir}); "
+                "drop --resume to start one"
+            )
+        return
+    if run_dir.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(run_dir.stat().st_mtime))
+        aside = run_dir.with_name(f"{run_dir.name}.{stamp}")
+        n = 1
+        while aside.exists():
+            aside, n = run_dir.with_name(f"{run_dir.name}.{stamp}-{n}"), n + 1
+        shutil.move(str(run_dir), str(aside))
+
+
+@task(name="train", cache_policy=NO_CACHE, persist_result=False)
+def train_stage(
+    shards: dict, vocab: dict, cfg: TrainConfig, runtime: RuntimeConfig, workdir: str, parent_run_id: str,
+    resume: bool = False,
+) -> dict:
+    logger = get_run_logger()
+    tokenizer = load_tokenizer(vocab)
+    corpus = encoded_split(shards, vocab, tokenizer, "train", cfg.max_length, workdir)
+    data_fp = fingerprint(shards["fingerprint"], vocab["fingerprint"])
+    key = train_key(cfg, data_fp)
+    run_dir = Path(workdir).resolve() / "train" / key
+    prepare_run_dir(run_dir, resume)
+    with stage_run(parent_run_id, "train", {"melos.key": key, "melos.resume": str(resume).lower()}) as run:
+        run.log_params(cfg.model_dump(), "train")
+        run.log_params(runtime.model_dump(), "runtime")
+        result = train_model(
+            corpus, tokenizer, cfg, runtime, run_dir, data_fingerprint=data_fp, resume=resume,
+            callback=MlflowProgress(run, logger),
+        )
+        summary = {
+            "train/final_loss": result.final_loss,
+            "train/steps": result.steps,
+            "train/seconds": result.seconds,
+            "train/tokens_seen": result.tokens_seen,
+            "train/mean_tokens_per_s": result.tokens_seen / result.seconds if result.seconds else 0.0,
+        }
+        run.log_metrics(summary, step=result.steps)
+        if result.resumed_from_step is not None:
+            run.set_tags({"melos.resumed_from_step": result.resumed_from_step})
+        run.log_artifact(result.model_dir, "model")
+        run.log_artifact(run_dir / "run.json")
+    return {
+        "stage": "train",
+        "dir": str(run_dir),
+        "key": key,
+        "model_dir": str(result.model_dir),
+        "last_checkpoint": str(result.last_checkpoint),
+        "counts": {"steps": result.steps, "train_sequences": len(corpus), "train_tokens": corpus.num_tokens},
+        "metrics": summary,
+        "resumed_from_step": result.resumed_from_step,
+        "mlflow_run_id": run.run_id,
+    }
