@@ -1,0 +1,126 @@
+"""Shared fixtures. Everything runs offline, on 127.0.0.1, in temporary directories.
+
+The environment is set before Prefect or MLflow are imported: Prefect reads its settings
+(home directory, analytics) at import time.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="melos-tests-"))
+os.environ.update(
+    {
+        "PREFECT_HOME": str(_SESSION_HOME / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PREFECT_LOGGING_TO_API_ENABLED": "false",
+    }
+)
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDED_ZIP = REPO / "mlm_core" / "corpus" / "1567_ruby_4948.zip"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 120.0, proc=None) -> None:
+    """Poll ``url`` until it answers 2xx; fail early if ``proc`` died."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2.0).is_success:
+                return
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s ({last})")
+
+
+@dataclass
+class LocalHTTPServer:
+    """A real HTTP server on 127.0.0.1 serving ``root``, plus two misbehaving routes:
+    ``/slow/<path>`` answers after ``slow_seconds``; ``/flaky/<path>`` answers 503 the first
+    ``flaky_failures`` times it is asked for a given path."""
+
+    root: Path
+    port: int = 0
+    slow_seconds: float = 5.0
+    flaky_failures: int = 1
+    requests: list[str] = field(default_factory=list)
+    _flaky_seen: dict[str, int] = field(default_factory=dict)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+
+@pytest.fixture
+def http_server(tmp_path: Path) -> Iterator[LocalHTTPServer]:
+    root = tmp_path / "www"
+    root.mkdir()
+    state = LocalHTTPServer(root=root)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+        def do_GET(self):
+            state.requests.append(self.path)
+            if self.path.startswith("/slow/"):
+                time.sleep(state.slow_seconds)
+                self.path = self.path[len("/slow") :]
+            elif self.path.startswith("/flaky/"):
+                seen = state._flaky_seen.get(self.path, 0)
+                state._flaky_seen[self.path] = seen + 1
+                if seen < state.flaky_failures:
+                    self.send_error(503, "Service Unavailable")
+                    return
+                self.path = self.path[len("/flaky") :]
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """Tasks and flows against a temporary local Prefect server (one per test session)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
