@@ -59,16 +59,21 @@ def mask_batch(
     B, T = input_ids.shape
     if len(row_keys) != B:
         raise ValueError(f"need one key per row: {len(row_keys)} keys for {B} rows")
-    # Per-row streams: selection scores, the [MASK]/random/keep decision, the random
-    # replacement id, and (first column of the last row) the rounding draw.  (B, 4, T)
-    draws = np.empty((B, 4, max(T, 1)))
+    # Per-row streams: first the rounding draw, then three uniforms per position
+    # (selection score, [MASK]/random/keep decision, random replacement id), laid out
+    # position-major so position t always gets the same numbers however far the row is
+    # padded: a sentence's mask must not depend on the batch it lands in.
+    rounding = np.empty(B)
+    per_position = np.empty((B, T, 3))
     for b, key in enumerate(row_keys):
-        draws[b] = np.random.default_rng([int(k) & 0xFFFFFFFF for k in key]).random((4, max(T, 1)))
-    scores, decide, replace = draws[:, 0, :T], draws[:, 1, :T], draws[:, 2, :T]
+        rng = np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
+        rounding[b] = rng.random()
+        per_position[b] = rng.random((T, 3))
+    scores, decide, replace = per_position[..., 0], per_position[..., 1], per_position[..., 2]
 
     n_maskable = maskable.sum(axis=1)  # (B,)
     # floor(x + u) with u ~ U(0, 1) rounds x up with probability frac(x): unbiased count
-    k = np.floor(spec.rate * n_maskable + draws[:, 3, 0]).astype(np.int64)  # (B,)
+    k = np.floor(spec.rate * n_maskable + rounding).astype(np.int64)  # (B,)
     scores = np.where(maskable, scores, np.inf)  # non-maskable positions sort last
     order = np.argsort(scores, axis=1, kind="stable")
     ranks = np.empty_like(order)

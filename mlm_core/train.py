@@ -142,7 +142,7 @@ def train_model(
             )
         state = load_training_state(ckpt, model, optimizer, scheduler, device)
         start_step, history, resumed_from = int(state["step"]), [list(h) for h in state["history"]], int(state["step"])
-        callback.on_history(history)
+        callback.on_history([list(h) for h in history])
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "run.json", {**meta, "status": "running", "start_step": start_step})

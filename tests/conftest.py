@@ -124,3 +124,51 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@dataclass
+class PreparedData:
+    """The embedded corpus taken through download -> tokenize -> vocab -> encode."""
+
+    root: Path
+    tokenize_dir: Path
+    tokenize_manifest: dict
+    vocab_dir: Path
+    tokenizer: object
+    train: object  # EncodedCorpus
+    heldout: object  # EncodedCorpus
+    data_fingerprint: str
+
+
+@pytest.fixture(scope="session")
+def merosu(tmp_path_factory) -> PreparedData:
+    from mlm_core.config import DownloadConfig, TokenizeConfig, VocabConfig
+    from mlm_core.data import EncodedCorpus, encode_key, encode_shards
+    from mlm_core.download import download_corpus
+    from mlm_core.shards import shard_paths, tokenize_corpus
+    from mlm_core.tokenizer import WordPieceTokenizer
+    from mlm_core.vocab import build_vocab
+
+    root = tmp_path_factory.mktemp("merosu")
+    docs = download_corpus(DownloadConfig(), root / "download", root / "raw")
+    shards = tokenize_corpus(
+        root / "download" / "docs", [d["doc_id"] for d in docs["documents"]], root / "tokenize",
+        TokenizeConfig(), docs["fingerprint"],
+    )
+    vocab = build_vocab(root / "tokenize", shards, root / "vocab", VocabConfig())
+    tokenizer = WordPieceTokenizer.from_file(root / "vocab" / "vocab.txt")
+    corpora = {}
+    for split in ("train", "heldout"):
+        key = encode_key(shards["fingerprint"], vocab["fingerprint"], split, 64)
+        path = encode_shards(shard_paths(root / "tokenize", split, shards), tokenizer, root / "encoded" / split, 64, key)
+        corpora[split] = EncodedCorpus(path)
+    return PreparedData(
+        root=root,
+        tokenize_dir=root / "tokenize",
+        tokenize_manifest=shards,
+        vocab_dir=root / "vocab",
+        tokenizer=tokenizer,
+        train=corpora["train"],
+        heldout=corpora["heldout"],
+        data_fingerprint=f"{shards['fingerprint']}-{vocab['fingerprint']}",
+    )
