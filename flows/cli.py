@@ -152,10 +152,10 @@ def cmd_fill_mask(ns: argparse.Namespace) -> int:
     from mlm_core.evaluate import fill_mask
 
     with tempfile.TemporaryDirectory(prefix="melos-model-") as tmp:
-        model, tokenizer = load_pretrained(resolve_model_dir(ns.run, Path(tmp)), ns.device)
         try:
+            model, tokenizer = load_pretrained(resolve_model_dir(ns.run, Path(tmp)), ns.device)
             results = fill_mask(model, tokenizer, ns.text, ns.top_k, device=ns.device)
-        except ValueError as exc:
+        except (ValueError, FileNotFoundError) as exc:
             raise SystemExit(f"melos: {exc}") from None
     for i, preds in enumerate(results, 1):
         print(f"[MASK] #{i}")

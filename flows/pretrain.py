@@ -65,17 +65,17 @@ def pretrain(
     common = {"workdir": workdir, "parent_run_id": parent}
     try:
         documents = run_cached(download_stage, stage_dir(workdir, "download", download_key(download)), cfg=download, **common)
-        note_cached(documents, parent)
+        documents = note_cached(documents, parent)
         shards = run_cached(
             tokenize_stage, stage_dir(workdir, "tokenize", tokenize_key(documents["fingerprint"], tokenize)),
             documents=documents, cfg=tokenize, **common,
         )
-        note_cached(shards, parent)
+        shards = note_cached(shards, parent)
         vocabulary = run_cached(
             vocab_stage, stage_dir(workdir, "vocab", vocab_key(shards["fingerprint"], vocab)),
             shards=shards, cfg=vocab, **common,
         )
-        note_cached(vocabulary, parent)
+        vocabulary = note_cached(vocabulary, parent)
         trained = train_stage(shards=shards, vocab=vocabulary, cfg=train, runtime=runtime, resume=resume, **common)
         report = evaluate_stage(
             shards=shards, vocab=vocabulary, trained=trained, cfg=evaluate, runtime=runtime, **common
@@ -94,11 +94,11 @@ def pretrain(
     }
 
 
-def note_cached(record: dict, parent_run_id: str) -> None:
+def note_cached(record: dict, parent_run_id: str) -> dict:
     """A stage restored from Prefect's cache did not run, so it made no MLflow run of its
     own here: record one, tagged cached, pointing at the run that produced the output."""
     if record.get("flow_run_id") == str(flow_run.id):
-        return
+        return record
     with tracking.stage_run(
         parent_run_id,
         record["stage"],
@@ -106,6 +106,7 @@ def note_cached(record: dict, parent_run_id: str) -> None:
     ) as run:
         run.log_params({"dir": record["dir"], "fingerprint": record["fingerprint"]}, record["stage"])
         run.log_metrics({f"{record['stage']}/{k}": v for k, v in record["counts"].items() if not isinstance(v, dict)})
+    return {**record, "mlflow_run_id": run.run_id, "produced_by_run_id": record["mlflow_run_id"]}
 
 
 if __name__ == "__main__":

@@ -35,13 +35,23 @@ def client():
     return MlflowClient(tracking_uri())
 
 
+def _artifact_location() -> str | None:
+    """For a SQLite store, artifacts live in ``mlruns/`` beside the database file (not in
+    whatever directory the process happens to run in); servers choose their own."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return (db.parent.resolve() / "mlruns").as_uri()
+
+
 def experiment_id(name: str) -> str:
     c = client()
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=_artifact_location())
     except Exception:  # created concurrently by another flow run
         exp = c.get_experiment_by_name(name)
         if exp is None:
