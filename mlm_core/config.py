@@ -75,7 +75,14 @@ class TokenizeConfig(_Config):
 class VocabConfig(_Config):
     """Stage 3: WordPiece vocabulary over MeCab words (as Tohoku's Japanese BERT)."""
 
-    vocab_size: int = Field(8000, ge=32, description="Target vocabulary size, special tokens included.")
+    vocab_size: int = Field(
+        8000,
+        ge=32,
+        description=(
+            "Target vocabulary size, special tokens included. Every character seen (and its ## form) is "
+            "always kept, so a corpus with many distinct characters can exceed it; cap with limit_alphabet."
+        ),
+    )
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a WordPiece merge.")
     limit_alphabet: int | None = Field(
         None, ge=1, description="Keep at most this many initial characters (None: all seen characters)."

@@ -140,7 +140,10 @@ class BatchPlan:
         self._batches: list[np.ndarray] = []
 
     def total_steps(self, epochs: float, max_steps: int | None) -> int:
-        return max_steps if max_steps is not None else max(1, math.ceil(epochs * self.steps_per_epoch))
+        if max_steps is not None:
+            return max_steps
+        # Rounded first: 1.1 * 100 is 110.00000000000001 in floating point, and must be 110 steps, not 111.
+        return max(1, math.ceil(round(epochs * self.steps_per_epoch, 6)))
 
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch])

@@ -16,6 +16,7 @@ import io
 import posixpath
 import re
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
@@ -67,8 +68,14 @@ def parse_source(spec: str) -> Source:
     spec = spec.strip()
     if spec == EMBEDDED_SOURCE:
         return Source("embedded", str(EMBEDDED_ZIP), spec)
-    scheme = urlparse(spec).scheme.lower()
+    try:
+        parsed = urlparse(spec)
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise SourceError(f"source {spec!r}: malformed URL ({exc})") from exc
+    scheme = parsed.scheme.lower()
     if scheme in ("http", "https"):
+        if not parsed.netloc:
+            raise SourceError(f"source {spec!r}: the URL has no host; expected http(s)://host/path")
         return Source("url", spec, spec)
     if scheme and len(scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise SourceError(f"source {spec!r}: unsupported URL scheme {scheme!r}; use http(s), a local path or 'embedded'")
@@ -118,6 +125,8 @@ def fetch_url(url: str, dest: Path, *, timeout_s: float, max_bytes: int) -> None
         raise TransientSourceError(f"source {url!r}: timed out after {timeout_s:g}s ({type(exc).__name__})") from exc
     except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
         raise TransientSourceError(f"source {url!r}: network error: {exc}") from exc
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # bad URL, redirect loop, ...: a retry cannot help
+        raise SourceError(f"source {url!r}: {type(exc).__name__}: {exc}") from exc
 
 
 def _safe_member_name(name: str) -> bool:
@@ -162,7 +171,7 @@ def read_members(raw: bytes, source: Source, max_bytes: int) -> list[tuple[str |
         try:
             with archive.open(info) as fh:
                 data = fh.read(max_bytes + 1)
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:  # CRC errors, truncation
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as exc:  # CRC, truncation, bad deflate
             raise SourceError(f"source {source.name!r}: corrupt ZIP member {info.filename!r} ({exc})") from exc
         if len(data) > max_bytes:
             raise SourceError(f"source {source.name!r}: member {info.filename!r} exceeds max_bytes={max_bytes}")
@@ -180,6 +189,10 @@ def _doc_id(source: Source, member: str | None, n_members: int, taken: set[str])
     return doc_id
 
 
+def _cache_path(source: Source, raw_cache: Path) -> Path:
+    return raw_cache / f"{fingerprint(source.location)}-{source.stem}.bin"
+
+
 def load_raw(source: Source, cfg: DownloadConfig, raw_cache: Path) -> bytes:
     """The raw bytes of a source; URLs are fetched once into ``raw_cache`` (so a retry
     of the stage only refetches what failed)."""
@@ -188,7 +201,7 @@ def load_raw(source: Source, cfg: DownloadConfig, raw_cache: Path) -> bytes:
             return Path(source.location).read_bytes()
         except OSError as exc:
             raise SourceError(f"source {source.name!r}: cannot read {source.location!r} ({exc.strerror})") from exc
-    cached = raw_cache / f"{fingerprint(source.location)}-{source.stem}.bin"
+    cached = _cache_path(source, raw_cache)
     if not cached.exists():
         fetch_url(source.location, cached, timeout_s=cfg.timeout_s, max_bytes=cfg.max_bytes)
     return cached.read_bytes()
@@ -207,13 +220,22 @@ def download_corpus(cfg: DownloadConfig, out_dir: Path, raw_cache: Path) -> dict
         for source in sources:
             raw = load_raw(source, cfg, raw_cache)
             raw_sha = sha256_bytes(raw)
-            members = read_members(raw, source, cfg.max_bytes)
-            for member, data in members:
-                label = source.name if member is None else f"{source.name}!{member}"
-                try:
-                    text = decode_text(data, label, cfg.encoding)
-                except TextDecodeError as exc:
-                    raise SourceError(f"{exc}; pass --encoding to name the file's encoding") from exc
+            try:
+                members = read_members(raw, source, cfg.max_bytes)
+                texts = []
+                for member, data in members:
+                    label = source.name if member is None else f"{source.name}!{member}"
+                    try:
+                        texts.append((member, label, decode_text(data, label, cfg.encoding)))
+                    except TextDecodeError as exc:
+                        raise SourceError(f"{exc}; pass --encoding to name the file's encoding") from exc
+            except SourceError:
+                # A body that is no usable archive (an error page, a cut transfer) must not
+                # stay in the cache, or every later run would fail on it without refetching.
+                if source.kind == "url":
+                    _cache_path(source, raw_cache).unlink(missing_ok=True)
+                raise
+            for member, label, text in texts:
                 parsed = clean_aozora(text)
                 body = parsed.body
                 if not body.strip():

@@ -57,6 +57,9 @@ def mask_batch(
     Random replacements are drawn from the regular tokens ``[first_regular_id, vocab_size)``.
     """
     B, T = input_ids.shape
+    maskable = np.asarray(maskable, dtype=bool)  # an int 0/1 array would index, not select
+    if maskable.shape != input_ids.shape:
+        raise ValueError(f"maskable has shape {maskable.shape}, input_ids {input_ids.shape}")
     if len(row_keys) != B:
         raise ValueError(f"need one key per row: {len(row_keys)} keys for {B} rows")
     # Per-row streams: first the rounding draw, then three uniforms per position

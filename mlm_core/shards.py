@@ -64,7 +64,10 @@ def is_heldout(text: str, fraction: float, salt: str) -> bool:
     """Deterministic membership of the held-out split, by a salted hash of the text."""
     if fraction <= 0.0:
         return False
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=salt.encode("utf-8")[:64]).digest()
+    key = salt.encode("utf-8")
+    if len(key) > 64:  # blake2b keys hold 64 bytes; hash longer salts rather than cut them
+        key = hashlib.blake2b(key, digest_size=64).digest()
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=key).digest()
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 

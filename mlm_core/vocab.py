@@ -9,6 +9,8 @@ so held-out coverage is an honest out-of-sample figure.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -33,23 +35,63 @@ def _word_lines(paths: list[Path]) -> Iterator[str]:
             yield " ".join(words)
 
 
+# What ``pre_tokenizers.WhitespaceSplit`` splits on: Rust's ``char::is_whitespace`` (the
+# Unicode White_Space property; Python's str.split() also splits on U+001C..U+001F).
+_WHITESPACE = re.compile("[\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
+
+
+def _initial_tokens(paths: list[Path], limit_alphabet: int | None) -> list[str]:
+    """The trainer's initial vocabulary in a fixed order: the alphabet, then ``##`` + every
+    alphabet character that occurs inside a word, each sorted by code point.
+
+    ``tokenizers``' trainer creates the ``##`` tokens in hash-map order, and their ids break
+    ties between equally frequent merges, so the same corpus gave a different vocabulary
+    on each run (huggingface/tokenizers#1794). Passing these tokens in ourselves fixes
+    every id before the merges start. With ``limit_alphabet``, the most frequent characters
+    are kept, ties going to the lower code point.
+    """
+    counts: Counter[str] = Counter()
+    for batch in iter_rows(paths, ["words"]):
+        for row in batch.column(0).to_pylist():
+            counts.update(row)
+    words: Counter[str] = Counter()  # as the trainer sees them, after WhitespaceSplit
+    for word, n in counts.items():
+        for piece in _WHITESPACE.split(word):
+            if piece:
+                words[piece] += n
+    chars: Counter[str] = Counter()
+    for word, n in words.items():
+        for c in word:
+            chars[c] += n
+    alphabet = set(chars)
+    if limit_alphabet is not None and len(alphabet) > limit_alphabet:
+        alphabet = {c for c, _ in sorted(chars.items(), key=lambda kv: (-kv[1], kv[0]))[:limit_alphabet]}
+    inside = {c for word in words for c in word[1:] if c in alphabet}
+    return sorted(alphabet) + [CONTINUATION + c for c in sorted(inside)]
+
+
 def train_wordpiece(paths: list[Path], cfg: VocabConfig) -> list[str]:
-    """Train WordPiece on the ``words`` column of the shards; returns tokens in id order."""
+    """Train WordPiece on the ``words`` column of the shards; returns tokens in id order.
+
+    Deterministic: the same shards and settings give the same vocabulary in every process.
+    """
     tok = Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=cfg.max_input_chars_per_word))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer_kwargs = dict(
+    initial = _initial_tokens(paths, cfg.limit_alphabet)
+    trainer = trainers.WordPieceTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
+        # The fixed initial tokens enter the vocabulary right after the special ones;
+        # limit_alphabet=0 stops the trainer adding characters of its own.
+        special_tokens=list(SPECIAL_TOKENS) + initial,
+        limit_alphabet=0,
         continuing_subword_prefix=CONTINUATION,
         show_progress=False,
     )
-    if cfg.limit_alphabet is not None:
-        trainer_kwargs["limit_alphabet"] = cfg.limit_alphabet
-    tok.train_from_iterator(_word_lines(paths), trainers.WordPieceTrainer(**trainer_kwargs))
+    tok.train_from_iterator(_word_lines(paths), trainer)
     by_id = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     tokens = [t for t, _ in by_id]
-    assert tokens[: len(SPECIAL_TOKENS)] == SPECIAL_TOKENS, tokens[:8]
+    assert tokens[: len(SPECIAL_TOKENS) + len(initial)] == SPECIAL_TOKENS + initial, tokens[:8]
     return tokens
 
 

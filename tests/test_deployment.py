@@ -102,7 +102,9 @@ def test_deploy_and_run_on_a_real_server_and_worker(tmp_path):
         assert len(runs) == 6  # parent + five stages
         assert (workdir / "train").is_dir() and any(workdir.glob("train/*/model/model.pt"))
         assert "eval/top1_accuracy" in parents[0].data.metrics
-        assert not (REPO / "mlruns").exists()  # artifacts sit beside the SQLite store
+        # artifacts sit beside the SQLite store, not in the worker's working directory (the checkout)
+        assert exp.artifact_location == (tmp_path / "mlruns").as_uri()
+        assert any((tmp_path / "mlruns").rglob("model.pt"))
     finally:
         for proc in reversed(procs):
             proc.terminate()
