@@ -137,10 +137,16 @@ class PreparedData:
     tokenize_dir: Path
     tokenize_manifest: dict
     vocab_dir: Path
+    vocab_manifest: dict
     tokenizer: object
     train: object  # EncodedCorpus
     heldout: object  # EncodedCorpus
     data_fingerprint: str
+
+    def shard_paths(self, split: str) -> list[Path]:
+        from mlm_core.shards import shard_paths
+
+        return shard_paths(self.tokenize_dir, split, self.tokenize_manifest)
 
 
 @pytest.fixture(scope="session")
@@ -170,6 +176,7 @@ def merosu(tmp_path_factory) -> PreparedData:
         tokenize_dir=root / "tokenize",
         tokenize_manifest=shards,
         vocab_dir=root / "vocab",
+        vocab_manifest=vocab,
         tokenizer=tokenizer,
         train=corpora["train"],
         heldout=corpora["heldout"],

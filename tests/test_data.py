@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlm_core.config import DownloadConfig, TokenizeConfig, VocabConfig
 from mlm_core.data import (
     BatchPlan,
     EncodedCorpus,
@@ -18,11 +17,9 @@ from mlm_core.data import (
     encode_shards,
     fixed_eval_batches,
 )
-from mlm_core.download import download_corpus
 from mlm_core.masking import IGNORE_INDEX, MaskSpec
-from mlm_core.shards import iter_rows, shard_paths, tokenize_corpus
+from mlm_core.shards import iter_rows
 from mlm_core.tokenizer import WordPieceTokenizer
-from mlm_core.vocab import build_vocab
 
 
 @dataclass
@@ -42,21 +39,11 @@ def words_of(paths: list[Path]) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def prep(tmp_path_factory) -> Prepared:
-    root = tmp_path_factory.mktemp("data")
-    docs = download_corpus(DownloadConfig(), root / "download", root / "raw")
-    shards = tokenize_corpus(
-        root / "download" / "docs", [d["doc_id"] for d in docs["documents"]], root / "tokenize",
-        TokenizeConfig(), docs["fingerprint"],
-    )
-    build_vocab(root / "tokenize", shards, root / "vocab", VocabConfig())
-    tokenizer = WordPieceTokenizer.from_file(root / "vocab" / "vocab.txt")
-    train_paths = shard_paths(root / "tokenize", "train", shards)
-    heldout_paths = shard_paths(root / "tokenize", "heldout", shards)
-    train = EncodedCorpus(encode_shards(train_paths, tokenizer, root / "enc" / "train", 64, "k-train"))
-    heldout = EncodedCorpus(encode_shards(heldout_paths, tokenizer, root / "enc" / "heldout", 64, "k-heldout"))
-    return Prepared(root, train_paths, heldout_paths, tokenizer, words_of(train_paths), words_of(heldout_paths),
-                    train, heldout)
+def prep(merosu) -> Prepared:
+    """The session's 走れメロス shards, vocabulary and encodings (max_length 64, from conftest)."""
+    train_paths, heldout_paths = merosu.shard_paths("train"), merosu.shard_paths("heldout")
+    return Prepared(merosu.root, train_paths, heldout_paths, merosu.tokenizer, words_of(train_paths),
+                    words_of(heldout_paths), merosu.train, merosu.heldout)
 
 
 # --- encode_shards / EncodedCorpus ---------------------------------------------------------------

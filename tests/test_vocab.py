@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mlm_core.config import DownloadConfig, TokenizeConfig, VocabConfig
-from mlm_core.download import download_corpus
-from mlm_core.shards import iter_rows, shard_paths, tokenize_corpus
+from mlm_core.config import VocabConfig
+from mlm_core.shards import iter_rows, shard_paths
 from mlm_core.tokenizer import CONTINUATION, SPECIAL_TOKENS, MecabWords, WordPieceTokenizer
 from mlm_core.vocab import VOCAB_FILE, build_vocab, train_wordpiece, vocab_key
 
@@ -34,16 +33,10 @@ def rows(tokenize_dir: Path, shards: dict, split: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Built:
-    root = tmp_path_factory.mktemp("vocab")
-    docs = download_corpus(DownloadConfig(), root / "download", root / "raw")
-    shards = tokenize_corpus(
-        root / "download" / "docs", [d["doc_id"] for d in docs["documents"]], root / "tokenize",
-        TokenizeConfig(), docs["fingerprint"],
-    )
-    manifest = build_vocab(root / "tokenize", shards, root / "vocab", VocabConfig())
-    return Built(root, root / "tokenize", shards, root / "vocab", manifest,
-                 WordPieceTokenizer.from_file(root / "vocab" / VOCAB_FILE))
+def built(merosu) -> Built:
+    """The session's 走れメロス shards and vocabulary (built once in conftest)."""
+    return Built(merosu.root, merosu.tokenize_dir, merosu.tokenize_manifest, merosu.vocab_dir,
+                 merosu.vocab_manifest, merosu.tokenizer)
 
 
 @pytest.fixture(scope="module")
