@@ -187,6 +187,9 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
     )
     for ex in result["fill_mask"]:
         print(f"fill-mask:   {ex['text']} -> " + ", ".join(f"{t} ({p:.3f})" for t, p in ex["predictions"][0]))
+    from tasks.tracking import tracking_uri
+
+    print(f"browse:      mlflow ui --backend-store-uri {tracking_uri()}" if tracking_uri().startswith("sqlite") else f"browse:      {tracking_uri()}")
     return 0
 
 

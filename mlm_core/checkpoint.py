@@ -79,6 +79,14 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def remove_partial(checkpoints_dir: Path) -> list[Path]:
+    """Delete temporary directories left by a checkpoint write that was killed midway."""
+    partial = [p for p in checkpoints_dir.glob(".step-*.tmp") if p.is_dir()] if checkpoints_dir.is_dir() else []
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return partial
+
+
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     found = list_checkpoints(checkpoints_dir)
     return found[-1] if found else None

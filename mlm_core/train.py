@@ -16,7 +16,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_training_state, read_meta, save_checkpoint, save_model_dir
+from .checkpoint import (
+    latest_checkpoint,
+    load_training_state,
+    read_meta,
+    remove_partial,
+    save_checkpoint,
+    save_model_dir,
+)
 from .config import RuntimeConfig, TrainConfig
 from .data import BatchPlan, EncodedCorpus
 from .io import atomic_write_json, fingerprint
@@ -131,6 +138,7 @@ def train_model(
     checkpoints_dir = run_dir / "checkpoints"
     start_step, history, resumed_from = 0, [], None
     if resume:
+        remove_partial(checkpoints_dir)
         ckpt = latest_checkpoint(checkpoints_dir)
         if ckpt is None:
             raise FileNotFoundError(f"resume requested but {checkpoints_dir} holds no checkpoint")
