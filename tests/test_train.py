@@ -233,3 +233,31 @@ def test_evaluation_metrics_are_consistent_and_fill_mask_returns_top_k(merosu, t
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0
     with pytest.raises(ValueError, match="no \\[MASK\\]"):
         fill_mask(model, tok, "メロスは激怒した。")
+
+
+def test_evaluation_equals_a_full_logits_computation(merosu, tmp_path):
+    """Scoring only masked positions must give exactly what full (B, T, V) logits give."""
+    from mlm_core.data import fixed_eval_batches
+    from mlm_core.masking import MaskSpec
+
+    cfg = TrainConfig(**TINY, max_steps=10)
+    result = train_model(merosu.train, merosu.tokenizer, cfg, CPU, tmp_path / "f", data_fingerprint=merosu.data_fingerprint)
+    model, tok = load_pretrained(result.model_dir)
+    ecfg = EvalConfig(passes=2, batch_size=16)
+    metrics = evaluate_heldout(model, tok, merosu.heldout, unigram_counts(merosu.train, len(tok)), ecfg)
+
+    spec = MaskSpec(rate=ecfg.mask_rate, mask_token_prob=1.0, random_token_prob=0.0)
+    total, n, top1 = 0.0, 0, 0
+    with torch.no_grad():
+        for batch in fixed_eval_batches(merosu.heldout, tok, spec, ecfg.seed, 16, ecfg.passes):
+            logits, _ = model(torch.from_numpy(batch.input_ids), attention_mask=torch.from_numpy(batch.attention_mask))
+            labels = torch.from_numpy(batch.labels)
+            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum"))
+            scored = labels != -100
+            n += int(scored.sum())
+            top1 += int((logits.argmax(-1)[scored] == labels[scored]).sum())
+            # every scored position reads [MASK] at evaluation
+            assert (torch.from_numpy(batch.input_ids)[scored] == tok.mask_id).all()
+    assert metrics["eval/masked_tokens"] == n
+    assert metrics["eval/loss"] == pytest.approx(total / n, rel=1e-5)
+    assert metrics["eval/top1_accuracy"] == pytest.approx(top1 / n)
