@@ -189,7 +189,8 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
         print(f"fill-mask:   {ex['text']} -> " + ", ".join(f"{t} ({p:.3f})" for t, p in ex["predictions"][0]))
     from tasks.tracking import tracking_uri
 
-    print(f"browse:      mlflow ui --backend-store-uri {tracking_uri()}" if tracking_uri().startswith("sqlite") else f"browse:      {tracking_uri()}")
+    uri = tracking_uri()
+    print(f"browse:      {'mlflow ui --backend-store-uri ' + uri if uri.startswith('sqlite') else uri}")
     return 0
 
 

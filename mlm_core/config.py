@@ -96,16 +96,16 @@ class TrainConfig(_Config):
     SPEED_ONLY: ClassVar[tuple[str, ...]] = ("checkpoint_every", "keep_checkpoints", "log_every")
 
     # --- model size -------------------------------------------------------------------
-    hidden_size: int = Field(128, gt=0, description="Transformer width.")
+    hidden_size: int = Field(64, gt=0, description="Transformer width.")
     num_layers: int = Field(2, gt=0, description="Number of encoder layers.")
     num_heads: int = Field(2, gt=0, description="Attention heads per layer.")
-    intermediate_size: int = Field(512, gt=0, description="Feed-forward inner width.")
+    intermediate_size: int = Field(256, gt=0, description="Feed-forward inner width.")
     max_length: int = Field(128, ge=8, description="Max tokens per sequence, [CLS] and [SEP] included.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Hidden and attention dropout.")
 
     # --- optimisation -----------------------------------------------------------------
     seed: int = Field(0, description="Seed for initialisation, data order, masking and dropout.")
-    epochs: float = Field(40.0, gt=0, description="Passes over the training sentences (ignored if max_steps is set).")
+    epochs: float = Field(60.0, gt=0, description="Passes over the training sentences (ignored if max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps.")
     batch_size: int = Field(32, gt=0, description="Sentences per optimiser step.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")

@@ -116,7 +116,7 @@ class WordPieceTokenizer:
         for piece in _SPECIAL_RE.split(text):
             if not piece:
                 continue
-            if piece in self.token_to_id and piece in SPECIAL_TOKENS:
+            if piece in SPECIAL_TOKENS:
                 ids.append(self.token_to_id[piece])
             else:
                 words, _ = mecab(piece)

@@ -130,9 +130,7 @@ def train_model(
     plan = BatchPlan(corpus.lengths, cfg.batch_size, cfg.seed, cfg.length_group_size)
     total_steps = plan.total_steps(cfg.epochs, cfg.max_steps)
     warmup_steps = max(1, math.ceil(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps) if warmup_steps else max(0.0, 1 - s / total_steps)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
     meta = {"train": cfg.model_dump(), "fingerprint": key, "total_steps": total_steps}
 
     checkpoints_dir = run_dir / "checkpoints"

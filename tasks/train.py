@@ -79,22 +79,33 @@ class MlflowProgress(TrainCallback):
         self.run.set_tags({"melos.last_checkpoint": str(path), "melos.last_checkpoint_step": step})
 
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    """A fresh run never overwrites an earlier one: its directory is moved aside."""
+def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """Make way for a run in ``run_dir``; returns where an unfinished earlier run was moved.
+
+    A completed earlier run with the same settings is replaced: its model and report are
+    already in MLflow, and keeping every nightly rerun would fill the disk. An unfinished
+    one still holds the only copy of its checkpoints, so it is moved aside, never deleted.
+    """
     if resume:
         if not (run_dir / "checkpoints").is_dir():
             raise FileNotFoundError(
                 f"resume requested, but no earlier run with these settings exists ({run_dir}); "
                 "drop --resume to start one"
             )
-        return
-    if run_dir.exists():
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(run_dir.stat().st_mtime))
-        aside = run_dir.with_name(f"{run_dir.name}.{stamp}")
-        n = 1
-        while aside.exists():
-            aside, n = run_dir.with_name(f"{run_dir.name}.{stamp}-{n}"), n + 1
-        shutil.move(str(run_dir), str(aside))
+        return None
+    if not run_dir.exists():
+        return None
+    status = read_json(run_dir / "run.json").get("status") if (run_dir / "run.json").is_file() else None
+    if status == "completed":
+        shutil.rmtree(run_dir)
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(run_dir.stat().st_mtime))
+    aside = run_dir.with_name(f"{run_dir.name}.{stamp}")
+    n = 1
+    while aside.exists():
+        aside, n = run_dir.with_name(f"{run_dir.name}.{stamp}-{n}"), n + 1
+    shutil.move(str(run_dir), str(aside))
+    return aside
 
 
 @task(name="train", cache_policy=NO_CACHE, persist_result=False)
@@ -108,7 +119,12 @@ def train_stage(
     data_fp = fingerprint(shards["fingerprint"], vocab["fingerprint"])
     key = train_key(cfg, data_fp)
     run_dir = Path(workdir).resolve() / "train" / key
-    prepare_run_dir(run_dir, resume)
+    aside = prepare_run_dir(run_dir, resume)
+    if aside is not None:
+        logger.warning(
+            "an unfinished run with these settings was moved to %s; pass --resume (resume=True) "
+            "next time to continue such a run instead", aside,
+        )
     with stage_run(parent_run_id, "train", {"melos.key": key, "melos.resume": str(resume).lower()}) as run:
         run.log_params(cfg.model_dump(), "train")
         run.log_params(runtime.model_dump(), "runtime")

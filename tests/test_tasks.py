@@ -80,3 +80,24 @@ def test_download_task_retries_a_timeout(prefect_harness, http_server, tmp_path,
     with pytest.raises(SourceError, match="timed out"):
         one_stage()
     assert http_server.requests == ["/slow/merosu.zip", "/slow/merosu.zip"]  # tried, retried once, gave up
+
+
+def test_a_fresh_run_replaces_a_finished_one_but_keeps_an_unfinished_one(tmp_path):
+    import json
+
+    from tasks.train import prepare_run_dir
+
+    run_dir = tmp_path / "train" / "abc"
+    (run_dir / "checkpoints" / "step-0000010").mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"status": "running"}))
+    aside = prepare_run_dir(run_dir, resume=False)
+    assert not run_dir.exists() and aside.parent == run_dir.parent and aside.name.startswith("abc.")
+    assert (aside / "checkpoints" / "step-0000010").is_dir()  # the resumable state survives
+
+    (run_dir / "model").mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"status": "completed"}))
+    assert prepare_run_dir(run_dir, resume=False) is None
+    assert not run_dir.exists() and sorted(p.name for p in run_dir.parent.iterdir()) == [aside.name]
+
+    with pytest.raises(FileNotFoundError, match="drop --resume"):
+        prepare_run_dir(run_dir, resume=True)
