@@ -67,3 +67,37 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert train_run.data.tags["melos.resume"] == "true"
     steps = sorted(m.step for m in client.get_metric_history(train_run.info.run_id, "train/loss"))
     assert steps == list(range(1, 201))  # the whole curve: history up to the checkpoint, then the rest
+
+
+def test_options_map_onto_the_stage_configs():
+    from flows.cli import build_parser, configs_from_args
+
+    ns = build_parser().parse_args(
+        ["pretrain", "--source", "embedded", "--source", "a.txt", "--hidden-size", "96", "--heads", "3",
+         "--masking", "static", "--mask-rate", "0.2", "--vocab-size", "4000", "--eval-passes", "2",
+         "--device", "cpu", "--resume"]
+    )
+    cfg = configs_from_args(ns)
+    assert cfg["download"].sources == ["embedded", "a.txt"]
+    assert (cfg["train"].hidden_size, cfg["train"].num_heads, cfg["train"].masking) == (96, 3, "static")
+    assert cfg["train"].mask_rate == 0.2 and cfg["train"].num_layers == 2  # untouched fields keep defaults
+    assert cfg["vocab"].vocab_size == 4000 and cfg["evaluate"].passes == 2 and cfg["runtime"].device == "cpu"
+    assert ns.resume is True
+
+
+def test_bad_options_get_a_readable_error():
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "pretrain", "--hidden-size", "130", "--heads", "4"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode != 0
+    assert "hidden_size (130) must be divisible by num_heads (4)" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_help_lists_every_stage():
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "pretrain", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for flag in ("--source", "--vocab-size", "--epochs", "--mask-rate", "--masking", "--seed", "--resume", "--workdir"):
+        assert flag in out.stdout
+    assert "Stage 4" in out.stdout and "(default: 0.15)" in out.stdout
