@@ -116,7 +116,8 @@ def fill_mask(
 def render_markdown(metrics: dict, examples: list[dict], context: dict) -> str:
     lines = ["# Melos evaluation report", ""]
     for key, value in context.items():
-        lines.append(f"- **{key}**: {value}")
+        if key != "eval mask":  # shown with the metrics below
+            lines.append(f"- **{key}**: {value}")
     lines += [
         "",
         "## Held-out masked-token metrics",
