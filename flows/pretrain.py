@@ -56,26 +56,21 @@ def pretrain(
         tags={tracking.TAG_FLOW_RUN: str(flow_run.id), tracking.TAG_FLOW_RUN_NAME: flow_run.name or ""},
     )
     logger.info("MLflow run %s (tracking URI %s)", parent, tracking.tracking_uri())
-    parent_run = tracking.StageRun(parent)
-    parent_run.log_params(
-        {"download": download.model_dump(), "tokenize": tokenize.model_dump(), "vocab": vocab.model_dump(),
-         "train": train.model_dump(), "evaluate": evaluate.model_dump(), "runtime": runtime.model_dump(),
-         "workdir": workdir, "resume": resume}
-    )
+    configs = {"download": download, "tokenize": tokenize, "vocab": vocab, "train": train, "evaluate": evaluate,
+               "runtime": runtime}
     common = {"workdir": workdir, "parent_run_id": parent}
     try:
-        documents = run_cached(download_stage, stage_dir(workdir, "download", download_key(download)), cfg=download, **common)
-        documents = note_cached(documents, parent)
-        shards = run_cached(
-            tokenize_stage, stage_dir(workdir, "tokenize", tokenize_key(documents["fingerprint"], tokenize)),
+        tracking.StageRun(parent).log_params(
+            {**{name: cfg.model_dump() for name, cfg in configs.items()}, "workdir": workdir, "resume": resume}
+        )
+        documents = data_stage(download_stage, "download", download_key(download), cfg=download, **common)
+        shards = data_stage(
+            tokenize_stage, "tokenize", tokenize_key(documents["fingerprint"], tokenize),
             documents=documents, cfg=tokenize, **common,
         )
-        shards = note_cached(shards, parent)
-        vocabulary = run_cached(
-            vocab_stage, stage_dir(workdir, "vocab", vocab_key(shards["fingerprint"], vocab)),
-            shards=shards, cfg=vocab, **common,
+        vocabulary = data_stage(
+            vocab_stage, "vocab", vocab_key(shards["fingerprint"], vocab), shards=shards, cfg=vocab, **common
         )
-        vocabulary = note_cached(vocabulary, parent)
         trained = train_stage(shards=shards, vocab=vocabulary, cfg=train, runtime=runtime, resume=resume, **common)
         report = evaluate_stage(
             shards=shards, vocab=vocabulary, trained=trained, cfg=evaluate, runtime=runtime, **common
@@ -94,18 +89,20 @@ def pretrain(
     }
 
 
-def note_cached(record: dict, parent_run_id: str) -> dict:
-    """A stage restored from Prefect's cache did not run, so it made no MLflow run of its
-    own here: record one, tagged cached, pointing at the run that produced the output."""
+def data_stage(task, stage: str, key: str, *, workdir: str, parent_run_id: str, **inputs) -> dict:
+    """Run a cached data stage; when Prefect served it from its cache, the stage did not
+    run and made no MLflow run here, so record one, tagged cached, that points at the
+    run which produced the output."""
+    record = run_cached(task, stage_dir(workdir, stage, key), workdir=workdir, parent_run_id=parent_run_id, **inputs)
     if record.get("flow_run_id") == str(flow_run.id):
         return record
     with tracking.stage_run(
         parent_run_id,
-        record["stage"],
+        stage,
         {tracking.TAG_CACHED: "true", "melos.source_run_id": record["mlflow_run_id"], "melos.key": record["key"]},
     ) as run:
-        run.log_params({"dir": record["dir"], "fingerprint": record["fingerprint"]}, record["stage"])
-        run.log_metrics({f"{record['stage']}/{k}": v for k, v in record["counts"].items() if not isinstance(v, dict)})
+        run.log_params({"dir": record["dir"], "fingerprint": record["fingerprint"]}, stage)
+        run.log_metrics({f"{stage}/{k}": v for k, v in record["counts"].items() if not isinstance(v, dict)})
     return {**record, "mlflow_run_id": run.run_id, "produced_by_run_id": record["mlflow_run_id"]}
 
 

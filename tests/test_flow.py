@@ -213,3 +213,13 @@ def test_fill_mask_cli_errors_are_readable(tmp_path):
     )
     assert out.returncode != 0
     assert "not a Melos model" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_missing_local_source_fails_the_run_before_any_stage(prefect_harness, sqlite_tracking, tmp_path):
+    from flows.pretrain import pretrain
+
+    missing = tmp_path / "no-such-novel.txt"
+    with pytest.raises(Exception, match="no-such-novel.txt.*no such file"):
+        pretrain(download=DownloadConfig(sources=[str(missing)]), workdir=str(tmp_path / "w"), experiment="melos-missing")
+    parents, children = _runs(sqlite_tracking, "melos-missing")
+    assert [p.info.status for p in parents] == ["FAILED"] and children == []
