@@ -263,9 +263,11 @@ def download_corpus(cfg: DownloadConfig, out_dir: Path, raw_cache: Path) -> dict
                     )
                 )
         if not documents:
+            reasons = "; ".join(f"{s['source']}: {s['reason']}" for s in skipped[:3])
+            more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
             raise SourceError(
-                f"the corpus is empty: none of {cfg.sources} produced any text "
-                f"({'; '.join(s['source'] + ': ' + s['reason'] for s in skipped) or 'no documents'})"
+                f"the corpus is empty: none of the {len(sources)} source(s) produced any text ({reasons}{more}); "
+                "check the sources hold prose"
             )
         manifest = {
             "stage": "download",
