@@ -12,6 +12,7 @@ than truncated, so no text is silently dropped.
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ def encode_shards(paths: list[Path], tokenizer: WordPieceTokenizer, out_dir: Pat
     window = max_length - 2  # room for [CLS] and [SEP]
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
     n_tokens = 0
-    offsets = [0]
+    offsets = array("q", [0])  # 8 bytes a sequence, not a Python int object each
     with atomic_dir(out_dir) as tmp:
         with open(tmp / "ids.bin", "wb") as fh:
             for batch in iter_rows(paths, ["words"]):
@@ -49,7 +50,7 @@ def encode_shards(paths: list[Path], tokenizer: WordPieceTokenizer, out_dir: Pat
                         fh.write(np.asarray(piece, dtype=dtype).tobytes())
                         n_tokens += len(piece)
                         offsets.append(n_tokens)
-        np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        np.save(tmp / "offsets.npy", np.frombuffer(offsets, dtype=np.int64))
         atomic_write_json(
             tmp / "meta.json",
             {"key": key, "dtype": np.dtype(dtype).name, "sequences": len(offsets) - 1, "tokens": n_tokens,

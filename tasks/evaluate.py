@@ -25,11 +25,11 @@ def evaluate_stage(
 ) -> dict:
     logger = get_run_logger()
     device, _ = resolve_device(runtime)
-    model, tokenizer = load_pretrained(trained["model_dir"], device)
+    model, _ = load_pretrained(trained["model_dir"], device)
     max_length = model.config.max_position_embeddings
-    vocab_tokenizer = load_tokenizer(vocab)
-    train_corpus = encoded_split(shards, vocab, vocab_tokenizer, "train", max_length, workdir)
-    heldout = encoded_split(shards, vocab, vocab_tokenizer, "heldout", max_length, workdir)
+    tokenizer = load_tokenizer(vocab)  # the model's own vocab.txt is this file; keep the stage's settings
+    train_corpus = encoded_split(shards, vocab, tokenizer, "train", max_length, workdir)
+    heldout = encoded_split(shards, vocab, tokenizer, "heldout", max_length, workdir)
     with stage_run(parent_run_id, "evaluate") as run:
         run.log_params(cfg.model_dump(), "evaluate")
         metrics = evaluate_heldout(model, tokenizer, heldout, unigram_counts(train_corpus, len(tokenizer)), cfg, device)
