@@ -31,19 +31,23 @@ def _stage_statuses(parent_run_id: str) -> list[str]:
     return [r.info.status for r in runs]
 
 
+def _download_in_a_flow(cfg: DownloadConfig, workdir, parent_run_id: str, task=FAST_RETRIES) -> dict:
+    """Run the download task alone inside a flow (tasks retry only under a flow run)."""
+
+    @flow
+    def one_stage():
+        return task(cfg=cfg, workdir=str(workdir), parent_run_id=parent_run_id)
+
+    return one_stage()
+
+
 def test_download_task_retries_a_flaky_server_then_succeeds(prefect_harness, http_server, tmp_path, parent_run):
     shutil.copy(EMBEDDED_ZIP, http_server.root / "merosu.zip")
     http_server.flaky_failures = 2
 
-    @flow
-    def one_stage():
-        return FAST_RETRIES(
-            cfg=DownloadConfig(sources=[http_server.url("flaky/merosu.zip")]),
-            workdir=str(tmp_path / "work"),
-            parent_run_id=parent_run,
-        )
-
-    record = one_stage()
+    record = _download_in_a_flow(
+        DownloadConfig(sources=[http_server.url("flaky/merosu.zip")]), tmp_path / "work", parent_run
+    )
     assert http_server.requests.count("/flaky/merosu.zip") == 3  # two 503s, then the file
     assert record["counts"]["documents"] == 1
     # every attempt is visible in MLflow: two failed, the last one finished
@@ -51,16 +55,8 @@ def test_download_task_retries_a_flaky_server_then_succeeds(prefect_harness, htt
 
 
 def test_download_task_does_not_retry_a_404(prefect_harness, http_server, tmp_path, parent_run):
-    @flow
-    def one_stage():
-        return FAST_RETRIES(
-            cfg=DownloadConfig(sources=[http_server.url("nope.zip")]),
-            workdir=str(tmp_path / "work"),
-            parent_run_id=parent_run,
-        )
-
     with pytest.raises(SourceError, match="404"):
-        one_stage()
+        _download_in_a_flow(DownloadConfig(sources=[http_server.url("nope.zip")]), tmp_path / "work", parent_run)
     assert http_server.requests == ["/nope.zip"]
     assert _stage_statuses(parent_run) == ["FAILED"]
 
@@ -69,16 +65,13 @@ def test_download_task_retries_a_timeout(prefect_harness, http_server, tmp_path,
     shutil.copy(EMBEDDED_ZIP, http_server.root / "merosu.zip")
     http_server.slow_seconds = 2.0
 
-    @flow
-    def one_stage():
-        return FAST_RETRIES.with_options(retries=1)(
-            cfg=DownloadConfig(sources=[http_server.url("slow/merosu.zip")], timeout_s=0.3),
-            workdir=str(tmp_path / "work"),
-            parent_run_id=parent_run,
-        )
-
     with pytest.raises(SourceError, match="timed out"):
-        one_stage()
+        _download_in_a_flow(
+            DownloadConfig(sources=[http_server.url("slow/merosu.zip")], timeout_s=0.3),
+            tmp_path / "work",
+            parent_run,
+            task=FAST_RETRIES.with_options(retries=1),
+        )
     assert http_server.requests == ["/slow/merosu.zip", "/slow/merosu.zip"]  # tried, retried once, gave up
 
 
