@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +28,7 @@ _OPTIONS: list[tuple[str, type[BaseModel], str, str, dict]] = [
     ("tokenize", TokenizeConfig, "max_rows_per_shard", "--max-rows-per-shard", {"type": int}),
     ("vocab", VocabConfig, "vocab_size", "--vocab-size", {"type": int}),
     ("vocab", VocabConfig, "min_frequency", "--min-frequency", {"type": int}),
+    ("vocab", VocabConfig, "limit_alphabet", "--limit-alphabet", {"type": int}),
     ("train", TrainConfig, "hidden_size", "--hidden-size", {"type": int}),
     ("train", TrainConfig, "num_layers", "--layers", {"type": int}),
     ("train", TrainConfig, "num_heads", "--heads", {"type": int}),
@@ -51,13 +54,40 @@ _SECTIONS = {
     "download": DownloadConfig, "tokenize": TokenizeConfig, "vocab": VocabConfig,
     "train": TrainConfig, "evaluate": EvalConfig, "runtime": RuntimeConfig,
 }
+# Option group headings; the stage configs' docstrings serve, except where a newcomer needs plainer words.
+_HEADINGS = {
+    "runtime": "Hardware: how fast a run goes (changing these never makes a cached stage run again)",
+}
+TRACKING_URI_HELP = (
+    "MLflow store to use, e.g. sqlite:////path/to/mlflow.db or http://127.0.0.1:5000 (default: "
+    "$MLFLOW_TRACKING_URI, else ./mlflow.db, else the stores Melos has used before)"
+)
 
 
-def _help(cls: type[BaseModel], field: str) -> str:
+def _help(cls: type[BaseModel], field: str, extra: dict) -> str:
+    """The config field's description in CLI words: field names become their flags, and a
+    repeatable option says that giving it replaces the default rather than adding to it."""
     info = cls.model_fields[field]
+    text = info.description
+    for f, flag in ((f, flag) for _, c, f, flag, _ in _OPTIONS if c is cls and "_" in f):  # not plain words
+        text = re.sub(rf"\b{f}\b", flag, text)
     default = info.default_factory() if info.default_factory else info.default
-    shown = ", ".join(default) if isinstance(default, list) else default
-    return f"{info.description} (default: {shown})".replace("%", "%%")
+    if default is None and "(None: " in text:
+        text = text.replace("(None: ", "(default: ")
+    elif extra.get("action") == "append":
+        text += f" Repeatable; giving it replaces the default rather than adding to it (default: {', '.join(default)})"
+    else:
+        text += f" (default: {'not set' if default is None else default})"
+    return text.replace("%", "%%")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps flag names whole when wrapping (``--max-steps``, never ``--max-`` / ``steps``)."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="melos",
         description="Pre-train a Japanese BERT masked language model from scratch, orchestrated by "
         "Prefect and tracked in MLflow.",
+        epilog="examples:\n"
+        "  melos pretrain                                  # train on the embedded 走れメロス corpus\n"
+        "  melos runs                                      # list runs with their held-out scores\n"
+        '  melos fill-mask "メロスは[MASK]した。" --run latest\n'
+        "  melos ui                                        # browse runs in the MLflow UI\n"
+        "`melos COMMAND --help` shows each command's options.",
+        formatter_class=_HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -80,35 +117,90 @@ def build_parser() -> argparse.ArgumentParser:
         "  melos pretrain --source my_novel.txt --source https://www.aozora.gr.jp/cards/000035/files/1567_ruby_4948.zip\n"
         "  melos pretrain --epochs 20 --mask-rate 0.2 --masking static --seed 1\n"
         "  melos pretrain --resume            # continue an interrupted run with the same settings",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for section, cls, field, flag, extra in _OPTIONS:
-        group = groups.setdefault(section, p.add_argument_group(cls.__doc__.splitlines()[0].rstrip(".")))
+        heading = _HEADINGS.get(section) or cls.__doc__.splitlines()[0].rstrip(".")
+        group = groups.setdefault(section, p.add_argument_group(heading))
         if "metavar" not in extra and "choices" not in extra:
             extra = {**extra, "metavar": {int: "N", float: "X"}.get(extra.get("type"), "NAME")}
-        group.add_argument(flag, dest=f"{section}.{field}", default=argparse.SUPPRESS, help=_help(cls, field), **extra)
+        group.add_argument(
+            flag, dest=f"{section}.{field}", default=argparse.SUPPRESS, help=_help(cls, field, extra), **extra
+        )
     run = p.add_argument_group("run")
     run.add_argument("--workdir", default="melos-work", help="directory for all stage outputs (default: melos-work)")
     run.add_argument("--experiment", default="melos", help="MLflow experiment name (default: melos)")
     run.add_argument("--resume", action="store_true", help="continue the last run with the same settings from its latest checkpoint")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--tracking-uri", metavar="URI", help="MLflow store to log to (default: $MLFLOW_TRACKING_URI, "
+                     "else sqlite:///mlflow.db in the current directory)")
 
     f = sub.add_parser(
         "fill-mask",
         help="predict the [MASK] tokens of a sentence with a trained model",
-        description="Print the top-k predictions for each [MASK] in TEXT.",
-        epilog='example:\n  melos fill-mask "メロスは[MASK]した。" --run <MLflow run id>',
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print the top-k predictions for each [MASK] in TEXT. A run id is looked up in "
+        "--tracking-uri, else ./mlflow.db, else the stores Melos has used before, so it works from any directory.",
+        epilog="examples:\n"
+        '  melos fill-mask "メロスは[MASK]した。" --run latest\n'
+        '  melos fill-mask "メロスは[MASK]した。" --run <run id from `melos runs`>\n'
+        '  melos fill-mask "メロスは[MASK]した。" --run melos-work/train/<key>/model',
+        formatter_class=_HelpFormatter,
     )
     f.add_argument("text", help="a sentence containing [MASK]")
     f.add_argument(
         "--run", required=True,
-        help="an MLflow run id (a pretrain parent run or its train run) or a model/checkpoint directory",
+        help="'latest' (the newest finished `melos pretrain` run), an MLflow run id (a pretrain run or its "
+        "train stage run), or a model/checkpoint directory",
     )
     f.add_argument("--top-k", type=int, default=5, help="predictions per [MASK] (default: 5)")
-    f.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    f.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="'auto' picks CUDA when present (default: auto)"
+    )
+    f.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
+
+    r = sub.add_parser(
+        "runs",
+        help="list recent pretrain runs with their held-out scores",
+        description="List pretrain runs, newest first: id, name, start, status, corpus, model size "
+        "(layers x width), masking, held-out top-1/top-5 accuracy with the unigram baseline in brackets, "
+        "and wall time. Reads --tracking-uri, else ./mlflow.db and the stores Melos has used before.",
+        epilog="examples:\n"
+        "  melos runs\n"
+        "  melos runs --limit 5 --status finished --experiment melos\n"
+        "  melos runs --json",
+        formatter_class=_HelpFormatter,
+    )
+    r.add_argument("--limit", type=_positive_int, default=20, metavar="N", help="show at most N runs (default: 20)")
+    r.add_argument("--experiment", metavar="NAME", help="only runs of this MLflow experiment (default: all)")
+    r.add_argument(
+        "--status", type=str.lower, choices=["running", "scheduled", "finished", "failed", "killed"],
+        help="only runs in this state (default: all)",
+    )
+    r.add_argument("--json", action="store_true", help="print the runs as a JSON list")
+    r.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
+
+    u = sub.add_parser(
+        "ui",
+        help="open the MLflow UI (and with --prefect the Prefect UI) on Melos's runs",
+        description="Start the MLflow UI on the store Melos uses (--tracking-uri, else ./mlflow.db, else the "
+        "store Melos used last) and print its URL; with --prefect start the Prefect UI too. Ctrl-C stops "
+        "everything it started.",
+        epilog="examples:\n  melos ui\n  melos ui --port 5001 --prefect",
+        formatter_class=_HelpFormatter,
+    )
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    u.add_argument("--port", type=int, default=5000, metavar="N", help="MLflow UI port (default: 5000)")
+    u.add_argument("--prefect", action="store_true", help="also start the Prefect UI (a `prefect server`)")
+    u.add_argument("--prefect-port", type=int, default=4200, metavar="N", help="Prefect UI port (default: 4200)")
+    u.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
 
 
 def configs_from_args(ns: argparse.Namespace) -> dict[str, BaseModel]:
@@ -120,21 +212,22 @@ def configs_from_args(ns: argparse.Namespace) -> dict[str, BaseModel]:
     return {section: cls(**values[section]) for section, cls in _SECTIONS.items()}
 
 
-def resolve_model_dir(run: str, dst: Path) -> Path:
-    """A local directory as is; an MLflow run id -> its train run's ``model`` artifacts."""
+def resolve_model_dir(run: str, dst: Path, tracking_uri: str | None = None) -> Path:
+    """A local directory as is; an MLflow run id or ``latest`` -> its train run's ``model`` artifacts."""
     if Path(run).is_dir():
         return Path(run)
     from mlflow.artifacts import download_artifacts
+    from mlflow.tracking import MlflowClient
 
+    from flows.runs import RunNotFound, resolve_run
     from tasks import tracking
 
-    client = tracking.client()
     try:
-        found = client.get_run(run)
-    except Exception as exc:
-        raise SystemExit(
-            f"melos: {run!r} is neither a directory nor a run in the MLflow store {tracking.tracking_uri()} ({exc})"
-        ) from None
+        store, found = resolve_run(run, tracking_uri)
+    except RunNotFound as exc:
+        raise SystemExit(f"melos: {run!r} is not a directory, and {exc}") from None
+    run = found.info.run_id
+    client = MlflowClient(store)
     if found.data.tags.get(tracking.TAG_STAGE) != "train":
         children = client.search_runs(
             [found.info.experiment_id],
@@ -143,18 +236,20 @@ def resolve_model_dir(run: str, dst: Path) -> Path:
         if not children:
             raise SystemExit(f"melos: MLflow run {run} has no train stage with a model")
         run = children[0].info.run_id
-    path = download_artifacts(run_id=run, artifact_path="model", dst_path=str(dst), tracking_uri=tracking.tracking_uri())
+    path = download_artifacts(run_id=run, artifact_path="model", dst_path=str(dst), tracking_uri=store)
     return Path(path)
 
 
 def cmd_fill_mask(ns: argparse.Namespace) -> int:
     from mlm_core.checkpoint import load_pretrained
     from mlm_core.evaluate import fill_mask
+    from mlm_core.train import resolve_device
 
     with tempfile.TemporaryDirectory(prefix="melos-model-") as tmp:
         try:
-            model, tokenizer = load_pretrained(resolve_model_dir(ns.run, Path(tmp)), ns.device)
-            results = fill_mask(model, tokenizer, ns.text, ns.top_k, device=ns.device)
+            device, _ = resolve_device(RuntimeConfig(device=ns.device))
+            model, tokenizer = load_pretrained(resolve_model_dir(ns.run, Path(tmp), ns.tracking_uri), device)
+            results = fill_mask(model, tokenizer, ns.text, ns.top_k, device=device)
         except (ValueError, FileNotFoundError) as exc:
             raise SystemExit(f"melos: {exc}") from None
     for i, preds in enumerate(results, 1):
@@ -169,6 +264,8 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
         configs = configs_from_args(ns)
     except ValidationError as exc:
         raise SystemExit(f"melos: invalid option: {exc}") from None
+    if ns.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = ns.tracking_uri
     from flows.pretrain import pretrain
 
     result = pretrain(**configs, workdir=ns.workdir, experiment=ns.experiment, resume=ns.resume)
@@ -190,14 +287,50 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
     from tasks.tracking import tracking_uri
 
     uri = tracking_uri()
-    print(f"browse:      {'mlflow ui --backend-store-uri ' + uri if uri.startswith('sqlite') else uri}")
+    print(f"browse:      {uri if uri.startswith(('http://', 'https://')) else melos_executable() + ' ui'}")
     return 0
 
 
+def melos_executable() -> str:
+    """How to call ``melos`` again, spelled so it works outside an activated virtualenv."""
+    exe = Path(sys.executable).with_name("melos")
+    return str(exe) if exe.is_file() else f"{sys.executable} -m flows.cli"
+
+
+def cmd_runs(ns: argparse.Namespace) -> int:
+    from flows.runs import format_table, list_runs
+
+    rows, searched = list_runs(ns.tracking_uri, ns.experiment, ns.status, ns.limit)
+    if ns.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+    elif rows:
+        print(format_table(rows))
+    else:
+        print(f"no pretrain runs in: {'; '.join(searched)}", file=sys.stderr)
+    return 0
+
+
+def cmd_ui(ns: argparse.Namespace) -> int:
+    from flows.runs import RunNotFound, ui_store
+    from flows.ui import serve
+
+    try:
+        store = ui_store(ns.tracking_uri)
+    except RunNotFound as exc:
+        raise SystemExit(f"melos: {exc}") from None
+    return serve(store, ns.host, ns.port, ns.prefect_port if ns.prefect else None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # MLflow's own artifact progress bars would stand between a command and its answer.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     ns = build_parser().parse_args(argv)
     if ns.command == "pretrain":
         return cmd_pretrain(ns)
+    if ns.command == "runs":
+        return cmd_runs(ns)
+    if ns.command == "ui":
+        return cmd_ui(ns)
     return cmd_fill_mask(ns)
 
 

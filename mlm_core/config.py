@@ -106,7 +106,9 @@ class TrainConfig(_Config):
     # --- optimisation -----------------------------------------------------------------
     seed: int = Field(0, description="Seed for initialisation, data order, masking and dropout.")
     epochs: float = Field(60.0, gt=0, description="Passes over the training sentences (ignored if max_steps is set).")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps.")
+    max_steps: int | None = Field(
+        None, gt=0, description="Stop after this many optimiser steps, however many epochs that is."
+    )
     batch_size: int = Field(32, gt=0, description="Sentences per optimiser step.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,6 +25,14 @@ TAG_FLOW_RUN = "prefect.flow_run_id"
 TAG_FLOW_RUN_NAME = "prefect.flow_run_name"
 TAG_STAGE = "melos.stage"
 TAG_CACHED = "melos.cached"
+# MLflow 3's experiment kind: its UI opens such an experiment on the runs table and charts
+# rather than on the GenAI overview of traces.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+TAG_SOURCE_NAME = "mlflow.source.name"
+TAG_SOURCE_TYPE = "mlflow.source.type"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+_CHECKOUT = Path(__file__).resolve().parents[1]
 _MAX_PARAM_LEN = 6000
 
 
@@ -49,9 +60,13 @@ def experiment_id(name: str) -> str:
     c = client()
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if TAG_EXPERIMENT_KIND not in exp.tags:
+            c.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return c.create_experiment(name, artifact_location=_artifact_location())
+        return c.create_experiment(
+            name, artifact_location=_artifact_location(), tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND}
+        )
     except Exception:  # created concurrently by another flow run
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -121,8 +136,44 @@ class StageRun:
         self._client.log_text(self.run_id, text, artifact_file)
 
 
+def source_tags() -> dict[str, str]:
+    """Where a run comes from, for the UI's Source column: the Prefect deployment that started
+    it (type JOB), else the command line (type LOCAL); plus the git commit of the checkout
+    Melos runs from, when it runs from one."""
+    from prefect.runtime import deployment, flow_run
+
+    if deployment.id:
+        tags = {TAG_SOURCE_NAME: f"prefect deployment {flow_run.flow_name}/{deployment.name}", TAG_SOURCE_TYPE: "JOB"}
+    else:
+        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+        if prog in ("melos", "cli.py", "__main__.py"):
+            prog = "melos"
+        tags = {TAG_SOURCE_NAME: shlex.join([prog, *sys.argv[1:]])[:_MAX_PARAM_LEN], TAG_SOURCE_TYPE: "LOCAL"}
+    commit = git_commit(_CHECKOUT)
+    if commit:
+        tags[TAG_GIT_COMMIT] = commit
+    return tags
+
+
+def git_commit(path: Path) -> str | None:
+    """HEAD of the git checkout at ``path``; None when it is not one (e.g. an installed wheel)."""
+    if not (path / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and len(commit) == 40 else None
+
+
 def start_parent(experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
-    run = client().create_run(experiment_id(experiment), run_name=run_name, tags=dict(tags))
+    from tasks import stores
+
+    run = client().create_run(experiment_id(experiment), run_name=run_name, tags={**source_tags(), **tags})
+    stores.remember(tracking_uri())
     return run.info.run_id
 
 
@@ -138,7 +189,10 @@ def stage_run(parent_run_id: str, stage: str, tags: Mapping[str, str] | None = N
     all_tags = {
         "mlflow.parentRunId": parent_run_id,
         TAG_STAGE: stage,
-        **{k: v for k, v in parent.data.tags.items() if k in (TAG_FLOW_RUN, TAG_FLOW_RUN_NAME)},
+        **{
+            k: v for k, v in parent.data.tags.items()
+            if k in (TAG_FLOW_RUN, TAG_FLOW_RUN_NAME, TAG_SOURCE_NAME, TAG_SOURCE_TYPE, TAG_GIT_COMMIT)
+        },
         **(tags or {}),
     }
     run = c.create_run(parent.info.experiment_id, run_name=stage, tags=all_tags)

@@ -28,6 +28,8 @@ os.environ.update(
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "PREFECT_LOGGING_TO_API_ENABLED": "false",
+        # the stores Melos remembers go to a temporary file, not the user's ~/.config/melos
+        "MELOS_CONFIG_DIR": str(_SESSION_HOME / "melos-config"),
     }
 )
 os.environ.pop("PREFECT_API_URL", None)

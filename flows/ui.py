@@ -1,0 +1,96 @@
+"""``melos ui``: the MLflow UI (and optionally the Prefect UI) as child processes.
+
+Each child runs in its own process group, so a Ctrl-C in the terminal reaches only
+``melos ui``, which then stops every group it started (SIGTERM, then SIGKILL after a grace
+period): servers that fork workers (MLflow's uvicorn, Prefect's) leave no orphans.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+GRACE_S = 10.0
+START_TIMEOUT_S = 180.0
+
+
+def _executable(name: str) -> str:
+    exe = Path(sys.executable).with_name(name)
+    return str(exe) if exe.is_file() else name
+
+
+def _wait_ready(url: str, proc: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url, timeout=2.0).is_success:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(proc, signal.SIGKILL)  # whatever of the group is left, the server's workers included
+        proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signum)
+
+
+def serve(store: str, host: str, port: int, prefect_port: int | None = None) -> int:
+    """Run the UIs until Ctrl-C / SIGTERM or until one of them exits; returns an exit status."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    commands = [("MLflow UI", [_executable("mlflow"), "ui", "--backend-store-uri", store, "--host", host,
+                               "--port", str(port)], f"http://{host}:{port}", "/health")]
+    if prefect_port is not None:
+        commands.append(("Prefect UI", [_executable("prefect"), "server", "start", "--host", host,
+                                        "--port", str(prefect_port)], f"http://{host}:{prefect_port}", "/api/health"))
+    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    procs: list[subprocess.Popen] = []
+    try:
+        for name, cmd, url, health in commands:
+            procs.append(subprocess.Popen(cmd, env=env, start_new_session=True, stdin=subprocess.DEVNULL))
+            if not _wait_ready(url + health, procs[-1]):
+                print(f"melos: the {name} did not start (`{' '.join(cmd)}`); is port {url.rsplit(':', 1)[1]} free?",
+                      file=sys.stderr)
+                return 1
+            print(f"{name}: {url}" + (f"   (store {store})" if name == "MLflow UI" else ""), flush=True)
+        print("Ctrl-C stops them.", flush=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        return 1  # a server stopped by itself
+    except _Stop:
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _stop(procs)
