@@ -315,10 +315,10 @@ def cmd_ui(ns: argparse.Namespace) -> int:
     from flows.ui import serve
 
     try:
-        store = ui_store(ns.tracking_uri)
+        store, experiment_id = ui_store(ns.tracking_uri)
     except RunNotFound as exc:
         raise SystemExit(f"melos: {exc}") from None
-    return serve(store, ns.host, ns.port, ns.prefect_port if ns.prefect else None)
+    return serve(store, ns.host, ns.port, ns.prefect_port if ns.prefect else None, experiment_id)
 
 
 def main(argv: list[str] | None = None) -> int:

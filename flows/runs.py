@@ -208,10 +208,13 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def ui_store(tracking_uri: str | None = None) -> str:
-    """The store ``melos ui`` shows: the named one, else this directory's, else the last one used."""
+def ui_store(tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """(the store ``melos ui`` shows: the named one, else this directory's, else the last one used;
+    the experiment of its newest pretrain run, None when it has none)."""
     opened, searched = open_stores(tracking_uri)
     if not opened:
         raise _not_found("no MLflow store", searched)
-    return opened[0][0]
+    uri, client = opened[0]
+    newest = next(iter_parent_runs(client), None)
+    return uri, newest.info.experiment_id if newest else None
 

@@ -66,11 +66,17 @@ def _raise_stop(signum, frame):
     raise _Stop(signum)
 
 
-def serve(store: str, host: str, port: int, prefect_port: int | None = None) -> int:
+# MLflow's UI opens on its GenAI views unless asked for the model-training ones (3.17 lets a
+# global switch, not the experiment's kind, decide; the URL parameter sets that switch).
+RUNS_VIEW = "?workflowType=machine_learning"
+
+
+def serve(store: str, host: str, port: int, prefect_port: int | None = None, experiment_id: str | None = None) -> int:
     """Run the UIs until Ctrl-C / SIGTERM or until one of them exits; returns an exit status."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    # One web worker and no background job runner (it serves GenAI judges): a light, quick start.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_TRACKING_URI": store}
     commands = [("MLflow UI", [_executable("mlflow"), "ui", "--backend-store-uri", store, "--host", host,
-                               "--port", str(port)], f"http://{host}:{port}", "/health")]
+                               "--port", str(port), "--workers", "1"], f"http://{host}:{port}", "/health")]
     if prefect_port is not None:
         commands.append(("Prefect UI", [_executable("prefect"), "server", "start", "--host", host,
                                         "--port", str(prefect_port)], f"http://{host}:{prefect_port}", "/api/health"))
@@ -83,7 +89,11 @@ def serve(store: str, host: str, port: int, prefect_port: int | None = None) -> 
                 print(f"melos: the {name} did not start (`{' '.join(cmd)}`); is port {url.rsplit(':', 1)[1]} free?",
                       file=sys.stderr)
                 return 1
-            print(f"{name}: {url}" + (f"   (store {store})" if name == "MLflow UI" else ""), flush=True)
+            if name == "MLflow UI":
+                page = f"/#/experiments/{experiment_id}" if experiment_id else "/#/experiments"
+                print(f"{name}: {url}{page}{RUNS_VIEW}   (store {store})", flush=True)
+            else:
+                print(f"{name}: {url}", flush=True)
         print("Ctrl-C stops them.", flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
