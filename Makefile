@@ -11,12 +11,13 @@ export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test setup setup-test bench clean help
+.PHONY: run test setup setup-test bench ui clean help
 
 help:
 	@echo "make run    set up .venv and run the pipeline on the embedded 走れメロス corpus"
 	@echo "make test   set up .venv (with test extras) and run the test suite"
 	@echo "make bench  time make run's pipeline (first and cached second run)"
+	@echo "make ui     open the MLflow UI on the runs (Ctrl-C stops it)"
 	@echo "make clean  remove pipeline outputs (melos-work/, mlflow.db, mlruns/)"
 
 $(BIN)/python:
@@ -46,6 +47,9 @@ test: setup-test
 
 bench: setup
 	$(BIN)/python bench/pipeline_wall_time.py
+
+ui: setup
+	$(BIN)/melos ui
 
 clean:
 	rm -rf melos-work mlflow.db mlruns
