@@ -90,6 +90,14 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
 
 
+def _command(sub, name: str, summary: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with working examples."""
+    return sub.add_parser(
+        name, help=summary, description=description, formatter_class=_HelpFormatter,
+        epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="melos",
@@ -136,16 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri", metavar="URI", help="MLflow store to log to (default: $MLFLOW_TRACKING_URI, "
                      "else sqlite:///mlflow.db in the current directory)")
 
-    f = sub.add_parser(
-        "fill-mask",
-        help="predict the [MASK] tokens of a sentence with a trained model",
-        description="Print the top-k predictions for each [MASK] in TEXT. A run id is looked up in "
-        "--tracking-uri, else ./mlflow.db, else the stores Melos has used before, so it works from any directory.",
-        epilog="examples:\n"
-        '  melos fill-mask "メロスは[MASK]した。" --run latest\n'
-        '  melos fill-mask "メロスは[MASK]した。" --run <run id from `melos runs`>\n'
-        '  melos fill-mask "メロスは[MASK]した。" --run melos-work/train/<key>/model',
-        formatter_class=_HelpFormatter,
+    f = _command(
+        sub, "fill-mask", "predict the [MASK] tokens of a sentence with a trained model",
+        "Print the top-k predictions for each [MASK] in TEXT. A run id is looked up in --tracking-uri, else "
+        "./mlflow.db, else the stores Melos has used before, so it works from any directory.",
+        ['melos fill-mask "メロスは[MASK]した。" --run latest',
+         'melos fill-mask "メロスは[MASK]した。" --run <run id from `melos runs`>',
+         'melos fill-mask "メロスは[MASK]した。" --run melos-work/train/<key>/model'],
     )
     f.add_argument("text", help="a sentence containing [MASK]")
     f.add_argument(
@@ -159,17 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
 
-    r = sub.add_parser(
-        "runs",
-        help="list recent pretrain runs with their held-out scores",
-        description="List pretrain runs, newest first: id, name, start, status, corpus, model size "
-        "(layers x width), masking, held-out top-1/top-5 accuracy with the unigram baseline in brackets, "
-        "and wall time. Reads --tracking-uri, else ./mlflow.db and the stores Melos has used before.",
-        epilog="examples:\n"
-        "  melos runs\n"
-        "  melos runs --limit 5 --status finished --experiment melos\n"
-        "  melos runs --json",
-        formatter_class=_HelpFormatter,
+    r = _command(
+        sub, "runs", "list recent pretrain runs with their held-out scores",
+        "List pretrain runs, newest first: id, name, start, status, corpus, model size (layers x width), "
+        "masking, held-out top-1/top-5 accuracy with the unigram baseline in brackets, and wall time. Reads "
+        "--tracking-uri, else ./mlflow.db and the stores Melos has used before.",
+        ["melos runs", "melos runs --limit 5 --status finished --experiment melos", "melos runs --json"],
     )
     r.add_argument("--limit", type=_positive_int, default=20, metavar="N", help="show at most N runs (default: 20)")
     r.add_argument("--experiment", metavar="NAME", help="only runs of this MLflow experiment (default: all)")
@@ -180,14 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the runs as a JSON list")
     r.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
 
-    u = sub.add_parser(
-        "ui",
-        help="open the MLflow UI (and with --prefect the Prefect UI) on Melos's runs",
-        description="Start the MLflow UI on the store Melos uses (--tracking-uri, else ./mlflow.db, else the "
-        "store Melos used last) and print its URL; with --prefect start the Prefect UI too. Ctrl-C stops "
-        "everything it started.",
-        epilog="examples:\n  melos ui\n  melos ui --port 5001 --prefect",
-        formatter_class=_HelpFormatter,
+    u = _command(
+        sub, "ui", "open the MLflow UI (and with --prefect the Prefect UI) on Melos's runs",
+        "Start the MLflow UI on the store Melos uses (--tracking-uri, else ./mlflow.db, else the store Melos "
+        "used last) and print its URL; with --prefect start the Prefect UI too. Ctrl-C stops everything it started.",
+        ["melos ui", "melos ui --port 5001 --prefect"],
     )
     u.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     u.add_argument("--port", type=int, default=5000, metavar="N", help="MLflow UI port (default: 5000)")
