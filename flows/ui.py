@@ -75,11 +75,17 @@ def serve(store: str, host: str, port: int, prefect_port: int | None = None, exp
     """Run the UIs until Ctrl-C / SIGTERM or until one of them exits; returns an exit status."""
     # One web worker and no background job runner (it serves GenAI judges): a light, quick start.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_TRACKING_URI": store}
-    commands = [("MLflow UI", [_executable("mlflow"), "ui", "--backend-store-uri", store, "--host", host,
-                               "--port", str(port), "--workers", "1"], f"http://{host}:{port}", "/health")]
+    commands = []
+    if store.startswith(("http://", "https://")):
+        print(f"MLflow UI: {store}   (the tracking server serves it)", flush=True)
+    else:
+        commands.append(("MLflow UI", [_executable("mlflow"), "ui", "--backend-store-uri", store, "--host", host,
+                                       "--port", str(port), "--workers", "1"], f"http://{host}:{port}", "/health"))
     if prefect_port is not None:
         commands.append(("Prefect UI", [_executable("prefect"), "server", "start", "--host", host,
                                         "--port", str(prefect_port)], f"http://{host}:{prefect_port}", "/api/health"))
+    if not commands:
+        return 0
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     procs: list[subprocess.Popen] = []
     try:

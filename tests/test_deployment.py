@@ -99,6 +99,9 @@ def test_deploy_and_run_on_a_real_server_and_worker(tmp_path):
         runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run['id']}'")
         parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        # the MLflow UI's Source column names the deployment that made the run
+        assert parents[0].data.tags["mlflow.source.name"] == "prefect deployment pretrain/melos-nightly"
+        assert parents[0].data.tags["mlflow.source.type"] == "JOB"
         assert len(runs) == 6  # parent + five stages
         assert (workdir / "train").is_dir() and any(workdir.glob("train/*/model/model.pt"))
         assert "eval/top1_accuracy" in parents[0].data.metrics
