@@ -27,13 +27,13 @@ class RunNotFound(LookupError):
     """No store holds the run; the message lists the stores searched."""
 
 
-def candidate_stores(tracking_uri: str | None = None) -> tuple[list[str], bool]:
-    """(store URIs to search, whether the user named one). A named store is the only one."""
+def candidate_stores(tracking_uri: str | None = None) -> list[str]:
+    """The store URIs to search, in order. A store the user names is the only one."""
     named = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if named:
-        return [stores.absolute_uri(named)], True
+        return [stores.absolute_uri(named)]
     found = [stores.absolute_uri(tracking.DEFAULT_TRACKING_URI)] + stores.remembered()
-    return list(dict.fromkeys(found)), False
+    return list(dict.fromkeys(found))
 
 
 def _reachable(uri: str) -> str | None:
@@ -55,9 +55,8 @@ def open_stores(tracking_uri: str | None = None) -> tuple[list[tuple[str, Any]],
     """([(uri, MlflowClient)] for the stores that exist, [one 'uri (why)' per store searched])."""
     from mlflow.tracking import MlflowClient
 
-    uris, named = candidate_stores(tracking_uri)
     opened, searched = [], []
-    for uri in uris:
+    for uri in candidate_stores(tracking_uri):
         why = _reachable(uri)
         if why is None:
             opened.append((uri, MlflowClient(uri)))
@@ -146,7 +145,9 @@ def run_row(run, experiment: str, store: str) -> dict:
     try:
         sources = json.loads(p.get("download.sources", "[]"))
     except ValueError:
-        sources = [p["download.sources"]]
+        sources = p["download.sources"]
+    if not isinstance(sources, list):
+        sources = [str(sources)]
     end = info.end_time or None
     return {
         "run_id": info.run_id,
