@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the pretrain flow: download -> tokenize -> vocab -> train -> evaluate. "
         "With no options it trains a small model on the embedded 走れメロス corpus. "
         "Outputs go to --workdir; every stage is logged to MLflow (sqlite:///mlflow.db in the "
-        "current directory unless MLFLOW_TRACKING_URI is set).",
+        "current directory unless --tracking-uri or MLFLOW_TRACKING_URI says otherwise).",
         epilog="examples:\n"
         "  melos pretrain\n"
         "  melos pretrain --source my_novel.txt --source https://www.aozora.gr.jp/cards/000035/files/1567_ruby_4948.zip\n"
