@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import stores
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG_FLOW_RUN = "prefect.flow_run_id"
 TAG_FLOW_RUN_NAME = "prefect.flow_run_name"
@@ -170,8 +172,6 @@ def git_commit(path: Path) -> str | None:
 
 
 def start_parent(experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
-    from tasks import stores
-
     run = client().create_run(experiment_id(experiment), run_name=run_name, tags={**source_tags(), **tags})
     stores.remember(tracking_uri())
     return run.info.run_id
