@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--experiment", default="melos", help="MLflow experiment name (default: melos)")
     run.add_argument("--resume", action="store_true", help="continue the last run with the same settings from its latest checkpoint")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument(
+        "--register-as", metavar="NAME", default=None,
+        help="register the model in the MLflow Model Registry under NAME; alias 'champion' moves to it "
+        "only if its held-out top-1 accuracy beats the current champion's",
+    )
 
     f = sub.add_parser(
         "fill-mask",
@@ -102,13 +107,36 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     f.add_argument("text", help="a sentence containing [MASK]")
-    f.add_argument(
-        "--run", required=True,
-        help="an MLflow run id (a pretrain parent run or its train run) or a model/checkpoint directory",
-    )
+    _add_model_source(f)
     f.add_argument("--top-k", type=int, default=5, help="predictions per [MASK] (default: 5)")
     f.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+    e = sub.add_parser(
+        "export",
+        help="write a trained model in Hugging Face format (with a model card)",
+        description="Write config.json, model.safetensors, vocab.txt, tokenizer settings and a model card "
+        "README.md to OUT, loadable with transformers' BertForMaskedLM and BertJapaneseTokenizer. "
+        "OUT must not exist or be empty; it is written atomically.",
+        epilog="examples:\n  melos export --run <MLflow run id> --format hf my-bert\n"
+        "  melos export --model models:/melos@champion --format hf my-bert",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("out", metavar="OUT", help="directory to write")
+    _add_model_source(e)
+    e.add_argument("--format", choices=["hf"], required=True, help="export format: hf (Hugging Face transformers)")
     return parser
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--run",
+        help="an MLflow run id (a pretrain parent run or its train run) or a model/checkpoint directory",
+    )
+    source.add_argument(
+        "--model", metavar="URI",
+        help="an MLflow model URI: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model",
+    )
 
 
 def configs_from_args(ns: argparse.Namespace) -> dict[str, BaseModel]:
@@ -147,13 +175,28 @@ def resolve_model_dir(run: str, dst: Path) -> Path:
     return Path(path)
 
 
+def model_dir_from_args(ns: argparse.Namespace, dst: Path) -> Path:
+    """--model URI or --run RUN -> a local Melos model directory (SystemExit on failure)."""
+    from tasks.model_source import download_model
+
+    try:
+        if ns.model:
+            return download_model(ns.model, dst)
+        return resolve_model_dir(ns.run, dst)
+    except LookupError as exc:
+        raise SystemExit(f"melos: {exc}") from None
+    except Exception as exc:  # e.g. a run whose model artifacts are missing
+        first = (getattr(exc, "message", None) or str(exc)).strip().splitlines()[0]
+        raise SystemExit(f"melos: no model for {ns.run or ns.model}: {first}") from None
+
+
 def cmd_fill_mask(ns: argparse.Namespace) -> int:
     from mlm_core.checkpoint import load_pretrained
     from mlm_core.evaluate import fill_mask
 
     with tempfile.TemporaryDirectory(prefix="melos-model-") as tmp:
         try:
-            model, tokenizer = load_pretrained(resolve_model_dir(ns.run, Path(tmp)), ns.device)
+            model, tokenizer = load_pretrained(model_dir_from_args(ns, Path(tmp)), ns.device)
             results = fill_mask(model, tokenizer, ns.text, ns.top_k, device=ns.device)
         except (ValueError, FileNotFoundError) as exc:
             raise SystemExit(f"melos: {exc}") from None
@@ -164,6 +207,25 @@ def cmd_fill_mask(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from mlm_core.hf_export import export_hf
+    from tasks.model_source import card_for_run, card_next_to
+
+    with tempfile.TemporaryDirectory(prefix="melos-export-") as tmp:
+        model_dir = model_dir_from_args(ns, Path(tmp) / "model")
+        card = card_next_to(model_dir)
+        if card is None and ns.run and not Path(ns.run).is_dir():
+            card = card_for_run(ns.run, Path(tmp) / "card")
+        try:
+            out = export_hf(model_dir, ns.out, card)
+        except (ValueError, FileNotFoundError, FileExistsError) as exc:
+            raise SystemExit(f"melos: {exc}") from None
+    print(f"exported {ns.format} model to {out}")
+    if card is None:
+        print("note: no pipeline record found for this model; its card lacks corpus, metrics and run ids")
+    return 0
+
+
 def cmd_pretrain(ns: argparse.Namespace) -> int:
     try:
         configs = configs_from_args(ns)
@@ -171,7 +233,9 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
         raise SystemExit(f"melos: invalid option: {exc}") from None
     from flows.pretrain import pretrain
 
-    result = pretrain(**configs, workdir=ns.workdir, experiment=ns.experiment, resume=ns.resume)
+    result = pretrain(
+        **configs, workdir=ns.workdir, experiment=ns.experiment, resume=ns.resume, register_as=ns.register_as
+    )
     if ns.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return 0
@@ -187,6 +251,11 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
     )
     for ex in result["fill_mask"]:
         print(f"fill-mask:   {ex['text']} -> " + ", ".join(f"{t} ({p:.3f})" for t, p in ex["predictions"][0]))
+    print(f"MLflow Model: {result['model_uri']}")
+    if result.get("registered"):
+        r = result["registered"]
+        print(f"registered:  {r['name']} version {r['version']}, "
+              f"{'now @champion' if r['promoted'] else 'not promoted'}: {r['reason']}")
     from tasks.tracking import tracking_uri
 
     uri = tracking_uri()
@@ -198,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.command == "pretrain":
         return cmd_pretrain(ns)
+    if ns.command == "export":
+        return cmd_export(ns)
     return cmd_fill_mask(ns)
 
 

@@ -29,8 +29,11 @@ CARD_FILE = "card.json"  # what the pipeline records about a model, beside its m
 _TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 
 
-def hf_tokenizer_config(max_length: int, max_input_chars_per_word: int = 100) -> dict:
-    """``tokenizer_config.json`` for BertJapaneseTokenizer matching Melos's tokenizer."""
+def hf_tokenizer_config(max_length: int) -> dict:
+    """``tokenizer_config.json`` for BertJapaneseTokenizer matching Melos's tokenizer.
+
+    HF's WordPiece always turns words over 100 characters into [UNK], Melos's default
+    ``max_input_chars_per_word``; a vocabulary built with another limit differs there."""
     return {
         "tokenizer_class": "BertJapaneseTokenizer",
         "do_lower_case": False,
@@ -40,7 +43,6 @@ def hf_tokenizer_config(max_length: int, max_input_chars_per_word: int = 100) ->
         "subword_tokenizer_type": "wordpiece",
         # HF's MecabTokenizer defaults to ipadic; Melos splits words with unidic-lite
         "mecab_kwargs": {"mecab_dic": "unidic_lite"},
-        "max_input_chars_per_word": max_input_chars_per_word,
         "model_max_length": max_length,
         "unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK,
     }

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow.pyfunc
+import pandas as pd
 from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
 
 MODEL_ARTIFACT = "melos_model"
@@ -26,7 +27,6 @@ DEFAULT_TOP_K = 5
 
 def _texts(model_input) -> list[str]:
     import numpy as np
-    import pandas as pd
 
     if isinstance(model_input, str):
         return [model_input]
@@ -57,9 +57,8 @@ class MelosFillMask(mlflow.pyfunc.PythonModel):
         self.model, self.tokenizer = load_pretrained(Path(context.artifacts[MODEL_ARTIFACT]), "cpu")
         self.mecab = MecabWords()
 
-    def predict(self, context, model_input, params: dict | None = None):
-        import pandas as pd
-
+    # the DataFrame hint tells MLflow the logged signature, not the hint, describes the input
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from mlm_core.evaluate import fill_mask
 
         top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))
@@ -83,8 +82,9 @@ class MelosFillMask(mlflow.pyfunc.PythonModel):
 
 
 def melos_model_dir(downloaded: str | Path) -> Path:
-    """The Melos model directory inside a downloaded MLflow model (or the directory itself
-    when the URI pointed at a raw Melos model, e.g. a train run's ``model`` artifacts)."""
+    """The Melos model directory inside a downloaded MLflow Model (MLflow copies the
+    ``melos_model`` artifact to ``artifacts/<its directory name>``), or the directory itself
+    when the URI pointed at a raw Melos model, e.g. a train run's ``model`` artifacts."""
     root = Path(downloaded)
-    inside = root / "artifacts" / MODEL_ARTIFACT
-    return inside if inside.is_dir() else root
+    found = sorted(p.parent for p in (root / "artifacts").glob("*/model.pt"))
+    return found[0] if found and not (root / "model.pt").is_file() else root
