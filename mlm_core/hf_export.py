@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_pretrained, read_meta
+from .evaluate import metrics_table
 from .io import atomic_dir
 from .model import hf_config_dict, to_hf_state_dict
 from .tokenizer import CLS, CONTINUATION, MASK, PAD, SEP, UNK
@@ -161,13 +162,7 @@ def model_card(meta: dict, params: int, params_no_emb: int, card: dict | None) -
         lines += [
             card.get("eval_mask", "Masked tokens of held-out sentences, each replaced by [MASK]."),
             "",
-            "| metric | model | unigram baseline |",
-            "|---|---|---|",
-            f"| top-1 accuracy | {metrics['eval/top1_accuracy']:.4f} | {metrics['eval/unigram_top1_accuracy']:.4f} |",
-            f"| top-5 accuracy | {metrics['eval/top5_accuracy']:.4f} | {metrics['eval/unigram_top5_accuracy']:.4f} |",
-            f"| masked-token loss | {metrics['eval/loss']:.4f} | |",
-            f"| perplexity | {metrics['eval/perplexity']:.2f} | |",
-            f"| masked tokens / sentences | {int(metrics['eval/masked_tokens'])} / {int(metrics['eval/sentences'])} | |",
+            *metrics_table(metrics),
         ]
     else:
         lines.append("Not recorded with this model.")

@@ -16,8 +16,11 @@ with the same mask settings instead of comparing numbers from different data.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +88,6 @@ def log_pyfunc(model_dir: Path, card_path: Path, parent_run_id: str):
 
     from .pyfunc_model import CARD_ARTIFACT, MODEL_ARTIFACT, TEXT_COLUMN, MelosFillMask
 
-    mlflow.set_tracking_uri(tracking.tracking_uri())  # the fluent logging below reads the global URI
     example = pd.DataFrame({TEXT_COLUMN: EXAMPLE_TEXTS})
     probe = MelosFillMask()
     probe.load_context(type("Context", (), {"artifacts": {MODEL_ARTIFACT: str(model_dir)}})())
@@ -115,6 +117,26 @@ def log_pyfunc(model_dir: Path, card_path: Path, parent_run_id: str):
     )
 
 
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's model logging and registration read the process-wide tracking URI: point it
+    at ours for the duration, then put back both it and ``MLFLOW_TRACKING_URI`` (which
+    ``mlflow.set_tracking_uri`` rewrites, and unsets when restoring "no URI")."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    env_before, global_before = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(global_before)
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
+
+
 @task(name="publish", cache_policy=NO_CACHE, persist_result=False)
 def publish_stage(
     documents: dict, shards: dict, vocab: dict, trained: dict, report: dict, cfg: EvalConfig,
@@ -127,14 +149,15 @@ def publish_stage(
     card_path = Path(trained["dir"]) / CARD_FILE
     atomic_write_json(card_path, build_card(documents, trained, report, parent_run_id, str(flow_run.id), cfg))
     tracking.StageRun(parent_run_id).log_artifact(card_path)
-    info = log_pyfunc(model_dir, card_path, parent_run_id)
+    with fluent_tracking_uri(tracking.tracking_uri()):
+        info = log_pyfunc(model_dir, card_path, parent_run_id)
+        registered = register_and_gate(register_as, info.model_uri, trained, shards, vocab, report, cfg,
+                                       runtime, parent_run_id) if register_as else None
     model_uri = f"runs:/{parent_run_id}/{MODEL_NAME}"
     logger.info("MLflow Model %s (%s)", model_uri, info.model_uri)
     out = {"stage": "publish", "model_uri": model_uri, "logged_model_uri": info.model_uri, "card": str(card_path)}
     lines = [f"**MLflow Model:** `{model_uri}`", ""]
-    if register_as:
-        registered = register_and_gate(register_as, info.model_uri, trained, shards, vocab, report, cfg,
-                                       runtime, parent_run_id)
+    if registered:
         out["registered"] = registered
         verdict = "promoted to" if registered["promoted"] else "not promoted to"
         logger.info("registered %s version %s, %s @%s: %s", register_as, registered["version"], verdict,
