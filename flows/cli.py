@@ -177,8 +177,11 @@ def resolve_model_dir(run: str, dst: Path) -> Path:
 
 def model_dir_from_args(ns: argparse.Namespace, dst: Path) -> Path:
     """--model URI or --run RUN -> a local Melos model directory (SystemExit on failure)."""
+    import os
+
     from tasks.model_source import download_model
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the CLI's output to its answer
     try:
         if ns.model:
             return download_model(ns.model, dst)

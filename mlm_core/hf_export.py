@@ -17,13 +17,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from .checkpoint import load_pretrained, read_meta
 from .evaluate import metrics_table
 from .io import atomic_dir
 from .model import hf_config_dict, to_hf_state_dict
-from .tokenizer import CLS, CONTINUATION, MASK, PAD, SEP, UNK
+from .tokenizer import CLS, MASK, PAD, SEP, UNK
 
 CARD_FILE = "card.json"  # what the pipeline records about a model, beside its model/ directory
 # HF re-creates these from the tie on load; safetensors refuses to store shared tensors twice

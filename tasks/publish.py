@@ -85,12 +85,13 @@ def log_pyfunc(model_dir: Path, card_path: Path, parent_run_id: str):
     import mlflow
     import pandas as pd
     from mlflow.models import Model, infer_signature
+    from mlflow.pyfunc import PythonModelContext
 
     from .pyfunc_model import CARD_ARTIFACT, MODEL_ARTIFACT, TEXT_COLUMN, MelosFillMask
 
     example = pd.DataFrame({TEXT_COLUMN: EXAMPLE_TEXTS})
     probe = MelosFillMask()
-    probe.load_context(type("Context", (), {"artifacts": {MODEL_ARTIFACT: str(model_dir)}})())
+    probe.load_context(PythonModelContext(artifacts={MODEL_ARTIFACT: str(model_dir)}, model_config=None))
     with warnings.catch_warnings():  # MLflow's hints about type hints and integer columns
         warnings.simplefilter("ignore", UserWarning)
         signature = infer_signature(example, probe.predict(None, example), params={"top_k": 5})

@@ -229,3 +229,12 @@ def test_a_run_without_a_model_is_one_clear_line(runs, mlflow_server, tmp_path):
         with pytest.raises(SystemExit, match=f"no model at runs:/{empty}/model"):
             main(["fill-mask", TEXT, "--model", f"runs:/{empty}/model"])
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_options_for_registry_and_export():
+    from flows.cli import build_parser
+
+    assert build_parser().parse_args(["pretrain", "--register-as", "melos-ja"]).register_as == "melos-ja"
+    assert build_parser().parse_args(["pretrain"]).register_as is None
+    ns = build_parser().parse_args(["export", "--model", "models:/m@champion", "--format", "hf", "out"])
+    assert (ns.model, ns.run, ns.format, ns.out) == ("models:/m@champion", None, "hf", "out")
