@@ -234,6 +234,8 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
         configs = configs_from_args(ns)
     except ValidationError as exc:
         raise SystemExit(f"melos: invalid option: {exc}") from None
+    if ns.register_as is not None and not ns.register_as.strip():
+        raise SystemExit(f"melos: --register-as needs a registered model name, got {ns.register_as!r}")
     from flows.pretrain import pretrain
 
     result = pretrain(

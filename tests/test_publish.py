@@ -48,7 +48,8 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(prefect_harness, mlflow_server, tmp_path_factory):
     """Run 1 registers the first version; run 2 trains the same model but is evaluated with
-    another mask seed, so the gate must re-score the champion on run 2's data."""
+    another mask seed, so the gate must re-score the champion on run 2's data; run 3 repeats
+    run 1 (the nightly case: same data, compare the recorded numbers)."""
     from flows.pretrain import pretrain
 
     work = tmp_path_factory.mktemp("publish-work")
@@ -57,7 +58,7 @@ def runs(prefect_harness, mlflow_server, tmp_path_factory):
         results = [
             pretrain(train=TINY_TRAIN, evaluate=EvalConfig(passes=1, seed=seed, fill_mask_examples=[TEXT]),
                      workdir=str(work), experiment="melos-publish", register_as=NAME)
-            for seed in (1234, 7)
+            for seed in (1234, 7, 1234)
         ]
         yield results
 
@@ -69,7 +70,7 @@ def _client(uri):
 
 
 def test_gate_promotes_the_first_and_keeps_an_equal_one_out(runs, mlflow_server):
-    first, second = runs
+    first, second, third = runs
     assert first["registered"]["version"] == "1" and first["registered"]["promoted"] is True
     assert second["registered"]["version"] == "2" and second["registered"]["promoted"] is False
     reason = second["registered"]["reason"]
@@ -86,6 +87,14 @@ def test_gate_promotes_the_first_and_keeps_an_equal_one_out(runs, mlflow_server)
     assert client.get_model_version(NAME, "1").tags["melos.promotion"].startswith("promoted: first version")
     assert v2.tags["melos.eval_key"] != client.get_model_version(NAME, "1").tags["melos.eval_key"]
     assert v2.run_id == second["mlflow_run_id"]
+    top1 = first["metrics"]["eval/top1_accuracy"]
+    assert third["metrics"]["eval/top1_accuracy"] == top1
+    assert third["registered"] == {
+        "name": NAME, "version": "3", "promoted": False, "champion_before": "1",
+        "reason": f"held-out top-1 {top1:.4f} does not beat champion version 1's {top1:.4f} "
+                  "(measured on the same held-out data)",
+    }
+    assert client.get_model_version(NAME, "3").tags["melos.eval_key"] == client.get_model_version(NAME, "1").tags["melos.eval_key"]
 
     # the Prefect artifact of run 2 says so
     from prefect.client.orchestration import get_client
@@ -111,7 +120,7 @@ def test_promotion_decision_and_eval_key():
 
 
 def test_pyfunc_loads_in_a_fresh_process(runs, mlflow_server, tmp_path):
-    first, _ = runs
+    first = runs[0]
     script = (
         "import json, sys, mlflow, pandas as pd\n"
         f"m = mlflow.pyfunc.load_model('runs:/{first['mlflow_run_id']}/model')\n"
@@ -133,7 +142,7 @@ def test_pyfunc_loads_in_a_fresh_process(runs, mlflow_server, tmp_path):
 
 
 def test_fill_mask_cli_reads_the_registry(runs, mlflow_server):
-    first, _ = runs
+    first = runs[0]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     out = subprocess.run([sys.executable, "-m", "flows.cli", "fill-mask", TEXT, "--model", f"models:/{NAME}@champion"],
                          capture_output=True, text=True, env=env, timeout=300)
@@ -172,7 +181,7 @@ def test_bad_input_is_one_clear_line(runs, mlflow_server, tmp_path, args, messag
 def test_export_of_a_registered_champion_by_run_id(runs, mlflow_server, tmp_path):
     from flows.cli import main
 
-    first, _ = runs
+    first = runs[0]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
         assert main(["export", "--run", first["mlflow_run_id"], "--format", "hf", str(tmp_path / "a")]) == 0
@@ -187,7 +196,7 @@ def test_export_of_a_registered_champion_by_run_id(runs, mlflow_server, tmp_path
 
 
 def test_mlflow_models_serve_answers_invocations(runs, mlflow_server, tmp_path):
-    first, _ = runs
+    first = runs[0]
     port = free_port()
     venv_bin = str(Path(sys.executable).parent)  # mlflow starts `uvicorn` by name, from PATH
     proc = subprocess.Popen(
@@ -238,3 +247,7 @@ def test_cli_options_for_registry_and_export():
     assert build_parser().parse_args(["pretrain"]).register_as is None
     ns = build_parser().parse_args(["export", "--model", "models:/m@champion", "--format", "hf", "out"])
     assert (ns.model, ns.run, ns.format, ns.out) == ("models:/m@champion", None, "hf", "out")
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "pretrain", "--register-as", " "],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--register-as needs a registered model name" in out.stderr
+    assert "Traceback" not in out.stderr
