@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--tracking-uri", metavar="URI", help="MLflow store to log to (default: $MLFLOW_TRACKING_URI, "
                      "else sqlite:///mlflow.db in the current directory)")
+    run.add_argument(
+        "--register-as", metavar="NAME", default=None,
+        help="register the model in the MLflow Model Registry under NAME; alias 'champion' moves to it "
+        "only if its held-out top-1 accuracy beats the current champion's",
+    )
 
     f = _command(
         sub, "fill-mask", "predict the [MASK] tokens of a sentence with a trained model",
@@ -153,11 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
          'melos fill-mask "メロスは[MASK]した。" --run melos-work/train/<key>/model'],
     )
     f.add_argument("text", help="a sentence containing [MASK]")
-    f.add_argument(
-        "--run", required=True,
-        help="'latest' (the newest finished `melos pretrain` run), an MLflow run id (a pretrain run or its "
-        "train stage run), or a model/checkpoint directory",
-    )
+    _add_model_source(f)
     f.add_argument("--top-k", type=int, default=5, help="predictions per [MASK] (default: 5)")
     f.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="'auto' picks CUDA when present (default: auto)"
@@ -191,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--prefect", action="store_true", help="also start the Prefect UI (a `prefect server`)")
     u.add_argument("--prefect-port", type=int, default=4200, metavar="N", help="Prefect UI port (default: 4200)")
     u.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
+
+    e = _command(
+        sub, "export", "write a trained model in Hugging Face format (with a model card)",
+        "Write config.json, model.safetensors, vocab.txt, tokenizer settings and a model card README.md to "
+        "OUT, loadable with transformers' BertForMaskedLM and BertJapaneseTokenizer. OUT must not exist or be "
+        "empty; it is written atomically.",
+        ["melos export --run latest --format hf my-bert",
+         "melos export --model models:/melos-nightly@champion --format hf my-bert"],
+    )
+    e.add_argument("out", metavar="OUT", help="directory to write")
+    _add_model_source(e)
+    e.add_argument("--format", choices=["hf"], required=True, help="export format: hf (Hugging Face transformers)")
+    e.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
     return parser
 
 
@@ -198,6 +212,19 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
     return int(text)
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--run",
+        help="'latest' (the newest finished `melos pretrain` run), an MLflow run id (a pretrain run or its "
+        "train stage run), or a model/checkpoint directory",
+    )
+    source.add_argument(
+        "--model", metavar="URI",
+        help="an MLflow model URI: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model",
+    )
 
 
 def configs_from_args(ns: argparse.Namespace) -> dict[str, BaseModel]:
@@ -237,6 +264,23 @@ def resolve_model_dir(run: str, dst: Path, tracking_uri: str | None = None) -> P
     return Path(path)
 
 
+def model_dir_from_args(ns: argparse.Namespace, dst: Path) -> Path:
+    """--model URI or --run RUN -> a local Melos model directory (SystemExit on failure)."""
+    from tasks.model_source import download_model
+
+    if ns.tracking_uri:  # models:/ and runs:/ URIs are read from the store named on the command line
+        os.environ["MLFLOW_TRACKING_URI"] = ns.tracking_uri
+    try:
+        if ns.model:
+            return download_model(ns.model, dst)
+        return resolve_model_dir(ns.run, dst, ns.tracking_uri)
+    except LookupError as exc:
+        raise SystemExit(f"melos: {exc}") from None
+    except Exception as exc:  # e.g. a run whose model artifacts are missing
+        first = (getattr(exc, "message", None) or str(exc)).strip().splitlines()[0]
+        raise SystemExit(f"melos: no model for {ns.run or ns.model}: {first}") from None
+
+
 def cmd_fill_mask(ns: argparse.Namespace) -> int:
     from mlm_core.checkpoint import load_pretrained
     from mlm_core.evaluate import fill_mask
@@ -245,7 +289,7 @@ def cmd_fill_mask(ns: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="melos-model-") as tmp:
         try:
             device, _ = resolve_device(RuntimeConfig(device=ns.device))
-            model, tokenizer = load_pretrained(resolve_model_dir(ns.run, Path(tmp), ns.tracking_uri), device)
+            model, tokenizer = load_pretrained(model_dir_from_args(ns, Path(tmp)), device)
             results = fill_mask(model, tokenizer, ns.text, ns.top_k, device=device)
         except (ValueError, FileNotFoundError) as exc:
             raise SystemExit(f"melos: {exc}") from None
@@ -256,6 +300,28 @@ def cmd_fill_mask(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from mlm_core.hf_export import export_hf
+    from tasks.model_source import card_for_run, card_next_to
+
+    with tempfile.TemporaryDirectory(prefix="melos-export-") as tmp:
+        model_dir = model_dir_from_args(ns, Path(tmp) / "model")
+        card = card_next_to(model_dir)
+        if card is None and ns.run and not Path(ns.run).is_dir():
+            from flows.runs import resolve_run
+
+            store, run = resolve_run(ns.run, ns.tracking_uri)  # found already by model_dir_from_args
+            card = card_for_run(run.info.run_id, Path(tmp) / "card", store)
+        try:
+            out = export_hf(model_dir, ns.out, card)
+        except (ValueError, FileNotFoundError, FileExistsError) as exc:
+            raise SystemExit(f"melos: {exc}") from None
+    print(f"exported {ns.format} model to {out}")
+    if card is None:
+        print("note: no pipeline record found for this model; its card lacks corpus, metrics and run ids")
+    return 0
+
+
 def cmd_pretrain(ns: argparse.Namespace) -> int:
     try:
         configs = configs_from_args(ns)
@@ -263,9 +329,13 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
         raise SystemExit(f"melos: invalid option: {exc}") from None
     if ns.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = ns.tracking_uri
+    if ns.register_as is not None and not ns.register_as.strip():
+        raise SystemExit(f"melos: --register-as needs a registered model name, got {ns.register_as!r}")
     from flows.pretrain import pretrain
 
-    result = pretrain(**configs, workdir=ns.workdir, experiment=ns.experiment, resume=ns.resume)
+    result = pretrain(
+        **configs, workdir=ns.workdir, experiment=ns.experiment, resume=ns.resume, register_as=ns.register_as
+    )
     if ns.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return 0
@@ -281,6 +351,11 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
     )
     for ex in result["fill_mask"]:
         print(f"fill-mask:   {ex['text']} -> " + ", ".join(f"{t} ({p:.3f})" for t, p in ex["predictions"][0]))
+    print(f"MLflow Model: {result['model_uri']}")
+    if result.get("registered"):
+        r = result["registered"]
+        print(f"registered:  {r['name']} version {r['version']}, "
+              f"{'now @champion' if r['promoted'] else 'not promoted'}: {r['reason']}")
     from tasks.tracking import tracking_uri
 
     uri = tracking_uri()
@@ -328,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_runs(ns)
     if ns.command == "ui":
         return cmd_ui(ns)
+    if ns.command == "export":
+        return cmd_export(ns)
     return cmd_fill_mask(ns)
 
 

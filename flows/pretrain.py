@@ -18,6 +18,7 @@ from tasks import tracking
 from tasks.common import run_cached, stage_dir
 from tasks.download import download_stage
 from tasks.evaluate import evaluate_stage
+from tasks.publish import publish_stage
 from tasks.tokenize import tokenize_stage
 from tasks.train import train_stage
 from tasks.vocab import vocab_stage
@@ -34,6 +35,7 @@ def pretrain(
     workdir: str = "melos-work",
     experiment: str = "melos",
     resume: bool = False,
+    register_as: str | None = None,
 ) -> dict:
     """Run the whole pipeline; returns the evaluation metrics and the MLflow run id.
 
@@ -47,6 +49,8 @@ def pretrain(
         workdir: directory for every stage's outputs (relative to the working directory).
         experiment: MLflow experiment name.
         resume: continue the last interrupted training run with the same settings.
+        register_as: register the model under this MLflow Model Registry name; alias
+            'champion' moves to it only if its held-out top-1 beats the current champion's.
     """
     logger = get_run_logger()
     workdir = str(Path(workdir).resolve())
@@ -75,6 +79,10 @@ def pretrain(
         report = evaluate_stage(
             shards=shards, vocab=vocabulary, trained=trained, cfg=evaluate, runtime=runtime, **common
         )
+        published = publish_stage(
+            documents=documents, shards=shards, vocab=vocabulary, trained=trained, report=report, cfg=evaluate,
+            runtime=runtime, parent_run_id=parent, register_as=register_as,
+        )
     except BaseException:
         tracking.end_run(parent, "FAILED")
         raise
@@ -85,6 +93,8 @@ def pretrain(
         "fill_mask": report["fill_mask"],
         "report": report["report"],
         "model_dir": trained["model_dir"],
+        "model_uri": published["model_uri"],
+        "registered": published.get("registered"),
         "stages": {r["stage"]: r["mlflow_run_id"] for r in (documents, shards, vocabulary, trained, report)},
     }
 

@@ -113,6 +113,19 @@ def fill_mask(
     return out
 
 
+def metrics_table(metrics: dict) -> list[str]:
+    """The held-out metrics against the unigram baseline, as Markdown table lines."""
+    return [
+        "| metric | model | unigram baseline |",
+        "|---|---|---|",
+        f"| top-1 accuracy | {metrics['eval/top1_accuracy']:.4f} | {metrics['eval/unigram_top1_accuracy']:.4f} |",
+        f"| top-5 accuracy | {metrics['eval/top5_accuracy']:.4f} | {metrics['eval/unigram_top5_accuracy']:.4f} |",
+        f"| masked-token loss | {metrics['eval/loss']:.4f} | |",
+        f"| perplexity | {metrics['eval/perplexity']:.2f} | |",
+        f"| masked tokens / sentences | {int(metrics['eval/masked_tokens'])} / {int(metrics['eval/sentences'])} | |",
+    ]
+
+
 def render_markdown(metrics: dict, examples: list[dict], context: dict) -> str:
     lines = ["# Melos evaluation report", ""]
     for key, value in context.items():
@@ -124,13 +137,7 @@ def render_markdown(metrics: dict, examples: list[dict], context: dict) -> str:
         "",
         f"Fixed evaluation mask: {context.get('eval mask', '')}",
         "",
-        "| metric | model | unigram baseline |",
-        "|---|---|---|",
-        f"| top-1 accuracy | {metrics['eval/top1_accuracy']:.4f} | {metrics['eval/unigram_top1_accuracy']:.4f} |",
-        f"| top-5 accuracy | {metrics['eval/top5_accuracy']:.4f} | {metrics['eval/unigram_top5_accuracy']:.4f} |",
-        f"| masked-token loss | {metrics['eval/loss']:.4f} | |",
-        f"| perplexity | {metrics['eval/perplexity']:.2f} | |",
-        f"| masked tokens / sentences | {metrics['eval/masked_tokens']} / {metrics['eval/sentences']} | |",
+        *metrics_table(metrics),
         "",
         "## Fill-mask examples",
         "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -111,9 +112,13 @@ class WordPieceTokenizer:
         return [self.unk_id in e.ids for e in encodings]
 
     def encode_text(self, text: str, mecab: MecabWords) -> list[int]:
-        """Ids of raw text that may contain literal special tokens such as ``[MASK]``."""
+        """Ids of raw text that may contain literal special tokens such as ``[MASK]``.
+
+        NFKC first, as the corpus was normalised before training (and as Hugging Face's
+        BertJapaneseTokenizer does), so full-width Latin letters or digits typed by a user
+        meet the same vocabulary entries."""
         ids: list[int] = []
-        for piece in _SPECIAL_RE.split(text):
+        for piece in _SPECIAL_RE.split(unicodedata.normalize("NFKC", text)):
             if not piece:
                 continue
             if piece in SPECIAL_TOKENS:

@@ -57,6 +57,7 @@ def test_deploy_and_run_on_a_real_server_and_worker(tmp_path):
         assert schedule["active"] and schedule["schedule"]["cron"] == "0 3 * * *"
         assert schedule["schedule"]["timezone"] == "Asia/Tokyo"
         assert deployment["parameters"]["experiment"] == "melos-nightly"
+        assert deployment["parameters"]["register_as"] == "melos-nightly"
         assert deployment["pull_steps"] == [
             {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
         ]
@@ -108,6 +109,10 @@ def test_deploy_and_run_on_a_real_server_and_worker(tmp_path):
         # artifacts sit beside the SQLite store, not in the worker's working directory (the checkout)
         assert exp.artifact_location == (tmp_path / "mlruns").as_uri()
         assert any((tmp_path / "mlruns").rglob("model.pt"))
+        # the nightly model went through the registry's champion gate (the first one wins it)
+        champion = client.get_model_version_by_alias("melos-nightly", "champion")
+        assert champion.run_id == parents[0].info.run_id
+        assert champion.tags["melos.promotion"].startswith("promoted: first version")
     finally:
         for proc in reversed(procs):
             proc.terminate()

@@ -117,7 +117,8 @@ def test_flow_end_to_end_then_cached_rerun(prefect_harness, sqlite_tracking, tmp
     first = pretrain(**kwargs)
 
     flow_run_id, _ = _check_tracking(sqlite_tracking, "melos-test", first)
-    assert _task_states(flow_run_id) == {s: "Completed" for s in STAGES}
+    assert _task_states(flow_run_id) == {s: "Completed" for s in [*STAGES, "publish"]}  # publish: tests/test_publish.py
+    assert first["model_uri"] == f"runs:/{first['mlflow_run_id']}/model" and first["registered"] is None
     report = json.loads((Path(first["report"]).with_suffix(".json")).read_text())
     assert report["metrics"] == pytest.approx(first["metrics"])
     assert report["fill_mask"][0]["text"] == "メロスは[MASK]した。" and len(report["fill_mask"][0]["predictions"][0]) == 5
