@@ -85,6 +85,8 @@ WORD_COUNTS_SCHEMA = pa.schema(
     [pa.field("split", pa.string(), nullable=False), pa.field("word", pa.string(), nullable=False),
      pa.field("count", pa.int64(), nullable=False)]
 )
+_MECAB = MecabWords()  # one Tagger per process, built on first use, reused by every part
+
 # Bumped when the stage's output files change (v2: per-split word counts beside the shards).
 OUTPUT_VERSION = 2
 
@@ -172,7 +174,7 @@ def tokenize_part(docs_dir: str, doc_ids: list[str], parts_dir: str, name: str, 
     done = Path(parts_dir) / f"{name}.json"
     if done.is_file():
         return read_json(done)["summary"]
-    mecab = MecabWords()
+    mecab = _MECAB
     columns: dict[str, list] = {n: [] for n in PART_SCHEMA.names}
     counts = {split: {"sentences": 0, "words": 0, "characters": 0} for split in SPLITS}
     words_by_split: dict[str, Counter[str]] = {split: Counter() for split in SPLITS}
