@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 from .aozora import TextDecodeError, clean_aozora, clean_plain, decode_text
 from .catalogue import CATALOGUE_PATH, CatalogueError, join_base, parse_selection, read_catalogue, rebase_url, select_works
 from .config import EMBEDDED_SOURCE, DownloadConfig
-from .io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, fingerprint, sha256_bytes, sha256_file
+from .io import atomic_dir, atomic_path, atomic_write_json, fingerprint, sha256_bytes, sha256_file
 
 EMBEDDED_ZIP = Path(__file__).parent / "corpus" / "1567_ruby_4948.zip"
 TEXT_SUFFIXES = (".txt",)
@@ -185,14 +185,24 @@ def check_sources(cfg: DownloadConfig) -> None:
                 )
 
 
-def fetch_url(url: str, dest: Path, *, timeout_s: float, max_bytes: int) -> None:
-    """Stream ``url`` into ``dest`` atomically, enforcing a timeout and a size limit."""
+def http_client(timeout_s: float, connections: int = 8):
+    """One HTTP client for many downloads (thread-safe; connections and TLS set-up are reused)."""
     import httpx  # imported here: only URL sources need it
 
+    return httpx.Client(
+        timeout=httpx.Timeout(timeout_s), follow_redirects=True, headers={"User-Agent": _USER_AGENT},
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+    )
+
+
+def fetch_url(url: str, dest: Path, *, timeout_s: float, max_bytes: int, client=None) -> None:
+    """Stream ``url`` into ``dest`` atomically, enforcing a timeout and a size limit."""
+    import httpx
+
+    own = client is None
+    client = http_client(timeout_s) if own else client
     try:
-        with httpx.Client(
-            timeout=httpx.Timeout(timeout_s), follow_redirects=True, headers={"User-Agent": _USER_AGENT}
-        ) as client, client.stream("GET", url) as response:
+        with client.stream("GET", url) as response:
             status = response.status_code
             if status == 429 or status >= 500:
                 raise TransientSourceError(f"source {url!r}: HTTP {status} {response.reason_phrase} (will retry)")
@@ -216,6 +226,9 @@ def fetch_url(url: str, dest: Path, *, timeout_s: float, max_bytes: int) -> None
         raise TransientSourceError(f"source {url!r}: network error: {exc}") from exc
     except (httpx.HTTPError, httpx.InvalidURL) as exc:  # bad URL, redirect loop, ...: a retry cannot help
         raise SourceError(f"source {url!r}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if own:
+            client.close()
 
 
 def _safe_member_name(name: str) -> bool:
@@ -306,6 +319,18 @@ class Fetcher:
         self.cfg, self.raw_cache = cfg, raw_cache
         self._hosts: dict[str, threading.Semaphore] = {}
         self._lock = threading.Lock()
+        self._client = None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _http(self):
+        with self._lock:
+            if self._client is None:
+                self._client = http_client(self.cfg.timeout_s, self.cfg.concurrency)
+            return self._client
 
     def _host_slot(self, url: str) -> threading.Semaphore:
         host = urlparse(url).netloc.lower()
@@ -319,13 +344,15 @@ class Fetcher:
         for attempt in range(self.cfg.retries + 1):
             try:
                 with self._host_slot(url):
-                    fetch_url(url, dest, timeout_s=self.cfg.timeout_s, max_bytes=self.cfg.max_bytes)
+                    fetch_url(url, dest, timeout_s=self.cfg.timeout_s, max_bytes=self.cfg.max_bytes, client=self._http())
                 break
             except TransientSourceError:
                 if attempt == self.cfg.retries:
                     raise
                 time.sleep(self.cfg.retry_backoff_s * 2**attempt)
-        atomic_write_text(dest.with_suffix(".sha256"), sha256_file(dest) + "\n")
+        # No fsync: the hash is checked on every read, so a torn write only means a refetch.
+        with atomic_path(dest.with_suffix(".sha256")) as tmp:
+            tmp.write_text(sha256_file(dest) + "\n")
         return dest
 
 
@@ -502,6 +529,13 @@ def download_corpus(
     sources = [parse_source(s) for s in cfg.sources]
     keys = [source_key(s, cfg) for s in sources]
     fetcher = Fetcher(cfg, raw_cache)
+    try:
+        return _download(cfg, sources, keys, fetcher, out_dir, raw_cache, progress)
+    finally:
+        fetcher.close()
+
+
+def _download(cfg, sources, keys, fetcher, out_dir, raw_cache, progress) -> dict:
     items, skipped_rows = plan_items(sources, cfg, fetcher)
     failures: list[dict] = []
     with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="melos-fetch") as pool:
