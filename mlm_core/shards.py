@@ -168,8 +168,9 @@ def tokenize_part(docs_dir: str, doc_ids: list[str], parts_dir: str, name: str, 
     """The unit of parallel work: documents -> ``{name}.parquet`` (rows of both splits) and
     ``{name}.json`` (counts, word counts per split, a sample). Pure: same inputs, same files.
 
-    The JSON is written last, atomically; its presence marks the part done, so a re-run
-    after a crash redoes only the parts without one.
+    ``{name}.counts.parquet`` holds its word counts per split. The JSON is written last,
+    atomically; its presence marks the part done, so a re-run after a crash redoes only
+    the parts without one.
     """
     done = Path(parts_dir) / f"{name}.json"
     if done.is_file():
@@ -177,7 +178,6 @@ def tokenize_part(docs_dir: str, doc_ids: list[str], parts_dir: str, name: str, 
     mecab = _MECAB
     columns: dict[str, list] = {n: [] for n in PART_SCHEMA.names}
     counts = {split: {"sentences": 0, "words": 0, "characters": 0} for split in SPLITS}
-    words_by_split: dict[str, Counter[str]] = {split: Counter() for split in SPLITS}
     sample = None
     for doc_id in doc_ids:
         index = 0
@@ -194,15 +194,31 @@ def tokenize_part(docs_dir: str, doc_ids: list[str], parts_dir: str, name: str, 
                 c["sentences"] += 1
                 c["words"] += len(words)
                 c["characters"] += len(sentence)
-                words_by_split[split].update(words)
                 if sample is None:
                     sample = {"doc_id": doc_id, "text": sentence, "words": words, "pos": pos}
                 index += 1
+    table = pa.table(columns, schema=PART_SCHEMA)
     with atomic_path(Path(parts_dir) / f"{name}.parquet") as tmp:
-        pq.write_table(pa.table(columns, schema=PART_SCHEMA), tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd")
+    with atomic_path(Path(parts_dir) / f"{name}.counts.parquet") as tmp:
+        pq.write_table(_count_table(table), tmp)
     summary = {"name": name, "documents": len(doc_ids), "counts": counts, "sample": sample}
-    atomic_write_json(done, {"summary": summary, "word_counts": {s: dict(c) for s, c in words_by_split.items()}})
+    atomic_write_json(done, {"summary": summary})
     return summary
+
+
+def _count_table(part: pa.Table) -> pa.Table:
+    """(split, word, count) of a part's rows, counted by Arrow rather than word by word."""
+    tables = []
+    for split, mask in (("train", pc.invert(part.column("heldout"))), ("heldout", part.column("heldout"))):
+        words = pc.list_flatten(part.filter(mask).column("words"))
+        counted = pa.table({"word": words}).group_by("word").aggregate([("word", "count")])
+        tables.append(pa.table({
+            "split": pa.array([split] * counted.num_rows, pa.string()),
+            "word": counted.column("word"),
+            "count": pc.cast(counted.column("word_count"), pa.int64()),
+        }, schema=WORD_COUNTS_SCHEMA))
+    return pa.concat_tables(tables)
 
 
 def _map_local(workers: int | None) -> Callable:
@@ -262,7 +278,9 @@ def tokenize_corpus(
             for split in SPLITS:
                 for k, v in summary["counts"][split].items():
                     counts[split][k] += v
-                word_counts[split].update(read_json(parts_dir / f"{name}.json")["word_counts"][split])
+            part_counts = pq.read_table(parts_dir / f"{name}.counts.parquet")
+            for split, word, n in zip(*(part_counts.column(c).to_pylist() for c in WORD_COUNTS_SCHEMA.names)):
+                word_counts[split][word] += n
             sample = sample or summary["sample"]
             if progress is not None:
                 progress(n, len(parts))

@@ -18,8 +18,11 @@ PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]  # ids 0..4, in this order, in every vocabulary
 CONTINUATION = "##"
 # One token of unidic-lite's MeCab output: surface, 3 fields, then pos1 and "-pos2" of the
-# "pos1-pos2-pos3..." field (the EOS line does not match).
-_MECAB_LINE = re.compile(r"^([^\t\n]*)\t[^\t\n]*\t[^\t\n]*\t[^\t\n]*\t([^\t\n-]*)(-[^\t\n-]*)?", re.M)
+# "pos1-pos2-pos3..." field. The EOS line does not match, nor does a token whose surface
+# is empty or only whitespace (U+3000 is such a token, 空白): the lookahead skips them.
+_MECAB_LINE = re.compile(
+    r"^(?![^\S\t\n]*\t)([^\t\n]+)\t[^\t\n]*\t[^\t\n]*\t[^\t\n]*\t([^\t\n-]*)(-[^\t\n-]*)?", re.M
+)
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 
 
@@ -48,12 +51,7 @@ class MecabWords:
         regular expression; ``nodes_reference`` keeps the node walk it must equal.
         """
         found = _MECAB_LINE.findall(self._get().parse(text))
-        surfaces = [f[0] for f in found]
-        pos = [f[1] + f[2] for f in found]
-        if any(not s or s.isspace() for s in surfaces):  # e.g. U+3000, which MeCab keeps as 空白
-            keep = [i for i, s in enumerate(surfaces) if s and not s.isspace()]
-            surfaces, pos = [surfaces[i] for i in keep], [pos[i] for i in keep]
-        return surfaces, pos
+        return [f[0] for f in found], [f[1] + f[2] for f in found]
 
     def nodes_reference(self, text: str) -> tuple[list[str], list[str]]:
         """The same through fugashi's node API (slow; for tests and benchmarks)."""
