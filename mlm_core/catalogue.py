@@ -12,7 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 CATALOGUE_PATH = "index_pages/list_person_all_extended_utf8.zip"
@@ -39,7 +40,7 @@ class CatalogueError(ValueError):
 
 @dataclass(frozen=True)
 class Selection:
-    """``aozora:author=35,879`` -> Selection("author", ("35", "879"))."""
+    """``aozora:author=35,879`` -> Selection("author", (35, 879))."""
 
     by: str
     ids: tuple[int, ...] = ()
@@ -58,7 +59,6 @@ class Work:
     url: str  # the テキストファイルURL as the catalogue gives it
     card_url: str
     teihon: str  # 底本 provenance: edition, publisher, year, editions used
-    extra_rows: int = field(default=0, repr=False)
 
     @property
     def author(self) -> str:
@@ -148,8 +148,7 @@ def rebase_url(url: str, base_url: str) -> str | None:
 
 
 def join_base(base_url: str, path: str) -> str:
+    """``path`` under a base that is a URL or a local directory."""
     if urlparse(base_url).scheme in ("http", "https"):
         return base_url.rstrip("/") + "/" + path
-    from pathlib import Path
-
     return str(Path(base_url).expanduser() / path)

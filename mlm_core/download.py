@@ -369,9 +369,9 @@ def load_raw(source: Source, fetcher: Fetcher) -> bytes:
 def _catalogue_items(source: Source, cfg: DownloadConfig, fetcher: Fetcher) -> tuple[list[Item], list[dict]]:
     """The works an ``aozora:`` selection names, as items to fetch, and the rows skipped."""
     location = join_base(cfg.aozora_base_url, CATALOGUE_PATH)
-    if urlparse(location).scheme in ("http", "https"):
-        raw = fetcher.fetch(location, refresh=True)  # the catalogue grows: read it fresh each run
-        path = raw
+    remote = urlparse(location).scheme in ("http", "https")
+    if remote:
+        path = fetcher.fetch(location, refresh=True)  # the catalogue grows: read it fresh each run
     else:
         path = Path(location)
         if not path.is_file():
@@ -379,7 +379,7 @@ def _catalogue_items(source: Source, cfg: DownloadConfig, fetcher: Fetcher) -> t
     try:
         works = select_works(read_catalogue(path.read_bytes(), location), parse_selection(source.location))
     except CatalogueError as exc:
-        if path is not None and urlparse(location).scheme in ("http", "https"):
+        if remote:
             _forget(location, fetcher.raw_cache)
         raise SourceError(str(exc)) from None
     if not works:
@@ -471,7 +471,7 @@ class _Corpus:
         self.documents: list[Document] = []
         self.skipped: list[dict] = []
         self._seen: dict[str, str] = {}
-        self._taken: set[str] = set()
+        self.taken: set[str] = set()
 
     def add(self, source: Source, member: str | None, n_members: int, label: str, body: str, **fields) -> None:
         if not body.strip():
@@ -481,7 +481,7 @@ class _Corpus:
         if text_sha in self._seen:
             self.skipped.append({"source": label, "reason": f"same text as {self._seen[text_sha]}"})
             return
-        doc_id = fields.pop("doc_id", None) or _doc_id(source, member, n_members, self._taken)
+        doc_id = fields.pop("doc_id", None) or _doc_id(source, member, n_members, self.taken)
         self._seen[text_sha] = doc_id
         (self.docs_dir / f"{doc_id}.txt").write_text(body + "\n", encoding="utf-8")
         self.documents.append(
@@ -490,11 +490,11 @@ class _Corpus:
         )
 
 
-def _add_table(corpus: _Corpus, item: Item, taken: set[str]) -> None:
+def _add_table(corpus: _Corpus, item: Item) -> None:
     source = item.source
     raw_sha = sha256_file(source.location)
     for row, text in _read_table(source):
-        doc_id = _doc_id(source, f"{row:08d}", 2, taken)
+        doc_id = _doc_id(source, f"{row:08d}", 2, corpus.taken)
         corpus.add(
             source, None, 1, f"{source.name}#{row}", clean_plain(text), doc_id=doc_id, raw_sha256=raw_sha,
             raw_bytes=len(text.encode("utf-8")), title=None, author=None, provenance=None, origin=item.origin,
@@ -546,7 +546,7 @@ def _download(cfg, sources, keys, fetcher, out_dir, raw_cache, progress) -> dict
             for n, (item, future) in enumerate(zip(items, futures), 1):
                 try:
                     if item.source.kind == "table":
-                        _add_table(corpus, item, corpus._taken)
+                        _add_table(corpus, item)
                     else:
                         raw = future.result().read_bytes() if future is not None else load_raw(item.source, fetcher)
                         try:

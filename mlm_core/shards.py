@@ -17,8 +17,11 @@ pos                list<string>     their parts of speech, ``pos1`` or ``pos1-po
 Sentences go to ``train-NNNNN.parquet`` or ``heldout-NNNNN.parquet`` by a salted hash
 of their text, so the split is deterministic, independent of document order, and a
 sentence repeated anywhere in the corpus always lands on the same side (no leakage of
-duplicates into evaluation). Everything streams: one document is read line by line and
-rows are flushed every ``row_group_size`` sentences.
+duplicates into evaluation). Documents are tokenized in parts (whole documents, about
+``part_chars`` characters each) that any engine may run in parallel; the parts are merged
+in document order, so the shards never depend on how many workers ran them. Beside the
+shards, ``word_counts.parquet`` holds the (split, word, count) triples the vocab stage
+needs.
 """
 
 from __future__ import annotations

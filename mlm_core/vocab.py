@@ -2,9 +2,11 @@
 
 As in Tohoku's Japanese BERT, the WordPiece model is trained on words MeCab already split
 (no whitespace pre-tokenisation of raw text), continuations carry ``##``. Training uses Hugging
-Face ``tokenizers``; its trainer consumes an iterator, so the shards stream through it and
-only the word counts live in memory. The vocabulary is built from the training split only,
-so held-out coverage is an honest out-of-sample figure.
+Face ``tokenizers``, fed the word counts that tokenization wrote per split (each distinct
+word repeated its count times, in chunks), so this stage never re-reads the corpus and its
+memory is bounded by the number of distinct words. Coverage is computed once per distinct
+word, weighted by its count. The vocabulary is built from the training split only, so
+held-out coverage is an honest out-of-sample figure.
 """
 
 from __future__ import annotations
@@ -132,11 +134,6 @@ def coverage_from_counts(counts: Mapping[str, int], tokenizer: WordPieceTokenize
         "unk_word_rate": unknown / words if words else 0.0,
         "subwords_per_word": subwords / words if words else 0.0,
     }
-
-
-def coverage(paths: list[Path], tokenizer: WordPieceTokenizer) -> dict:
-    """Word-level [UNK] rate and subwords per word over the given shards."""
-    return coverage_from_counts(count_words(paths), tokenizer)
 
 
 def _split_counts(tokenize_dir: Path, manifest: dict, split: str) -> Counter[str] | dict[str, int]:
