@@ -5,6 +5,7 @@ failure threshold, per-file retries, and the raw cache."""
 from __future__ import annotations
 
 import csv
+import os
 import io
 import json
 import zipfile
@@ -227,3 +228,20 @@ def test_missing_local_sources_are_found_before_anything_runs(tmp_path: Path) ->
     with pytest.raises(SourceError, match="no catalogue at"):
         check_sources(DownloadConfig(sources=["aozora:all"], aozora_base_url=str(tmp_path)))
     check_sources(DownloadConfig(sources=["aozora:all"]))  # the site itself is not contacted here
+
+
+def test_cli_reports_a_missing_source_in_one_line_before_any_server(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    missing = tmp_path / "nope.zip"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "pretrain", "--source", "embedded", "--source", str(missing),
+         "--workdir", str(tmp_path / "work")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    )
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"melos: source {str(missing)!r}: no such file {str(missing)!r}"]
+    assert not (tmp_path / "work").exists() and not (tmp_path / "mlflow.db").exists()
