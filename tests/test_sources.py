@@ -245,3 +245,48 @@ def test_cli_reports_a_missing_source_in_one_line_before_any_server(tmp_path: Pa
     assert proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [f"melos: source {str(missing)!r}: no such file {str(missing)!r}"]
     assert not (tmp_path / "work").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_download_task_logs_failures_the_dataset_and_progress(prefect_harness, http_server, tmp_path, monkeypatch):
+    """Under Prefect and MLflow: a catalogue run with one missing work finishes, lists the
+    failure in MLflow, records the corpus as a dataset input, and reports progress."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from tasks import tracking
+    from tasks.download import download_stage
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    write_site(http_server.root, missing=(2,))
+    parent = tracking.start_parent("melos-sources", "test", {})
+    cfg = DownloadConfig(sources=["aozora:all"], aozora_base_url=http_server.url(""), max_failed_fraction=0.5)
+
+    @flow
+    def one_stage():
+        return download_stage(cfg=cfg, workdir=str(tmp_path / "work"), parent_run_id=parent)
+
+    record = one_stage()
+    assert record["failed"] == 1 and record["counts"]["documents"] == 2
+    client = tracking.client()
+    run = client.get_run(record["mlflow_run_id"])
+    assert run.data.metrics["download/failed"] == 1 and run.data.metrics["download/skipped_external_url"] == 1
+    problems = json.loads(Path(run.info.artifact_uri.removeprefix("file://"), "download_problems.json").read_text())
+    assert [f["work_id"] for f in problems["failures"]] == ["000002"]
+    for run_id in (record["mlflow_run_id"], parent):
+        (dataset_input,) = client.get_run(run_id).inputs.dataset_inputs
+        assert dataset_input.dataset.digest == record["fingerprint"]
+        assert json.loads(dataset_input.dataset.profile)["documents"] == 2
+
+    async def progress_artifacts():
+        async with get_client() as prefect:
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+            return await prefect.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["melos-download-progress"]))
+            )
+
+    import asyncio
+
+    artifacts = asyncio.run(progress_artifacts())
+    assert artifacts and artifacts[-1].type == "progress" and float(artifacts[-1].data) == 100.0
+    tracking.end_run(parent)
