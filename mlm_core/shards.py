@@ -224,12 +224,20 @@ def _count_table(part: pa.Table) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on (respects taskset/cgroup affinity where the OS says)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _map_local(workers: int | None) -> Callable:
     """A process pool's ordered map (one fugashi Tagger per process), or a plain map."""
 
     def run(fn: Callable, *iterables) -> Iterator:
         jobs = list(zip(*iterables))
-        n = min(workers or os.cpu_count() or 1, len(jobs))
+        n = min(workers or cpu_count(), len(jobs))
         if n <= 1:
             yield from (fn(*job) for job in jobs)
             return

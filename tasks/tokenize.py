@@ -9,7 +9,6 @@ way the shards are merged in document order, so they are identical.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from mlm_core.config import TokenizeConfig
 from mlm_core.io import read_json
-from mlm_core.shards import tokenize_corpus, tokenize_key, tokenize_part
+from mlm_core.shards import cpu_count, tokenize_corpus, tokenize_key, tokenize_part
 
 from .common import MANIFEST, cache_key_fn, record, stage_dir, stage_progress
 from .tracking import stage_run
@@ -42,7 +41,7 @@ def dask_map(cfg: TokenizeConfig) -> Callable:
     else:
         runner = DaskTaskRunner(
             cluster_kwargs={
-                "n_workers": cfg.workers or os.cpu_count() or 1,
+                "n_workers": cfg.workers or cpu_count(),
                 "processes": True,
                 "threads_per_worker": 1,  # MeCab holds the GIL: one part at a time per process
                 "silence_logs": logging.WARNING,
