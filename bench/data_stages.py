@@ -6,7 +6,8 @@ Serves the mirror on 127.0.0.1 itself, selects every work through the catalogue
 (``aozora:all`` against that base URL) and prints one ``name=value`` line per figure:
 
 - ``tokenize_ratio_1proc``: the tokenize stage's sentences/s on 1 process divided by a bare
-  fugashi ``Tagger.parse`` loop over the same sentences, in the same run;
+  fugashi ``Tagger.parse`` loop over the same sentences, in the same run (also printed on
+  CPU seconds as ``tokenize_ratio_1proc_cpu``, which other load on the machine distorts less);
 - ``tokenize_scaling_2proc``: tokenize throughput on 2 processes divided by 1 process;
 - ``data_stages_wall_s``: download from loopback + tokenize + vocab (8k) for the whole
   selection with the default settings (a cold raw cache);
@@ -74,30 +75,31 @@ def data_stages(sources: list[str], base_url: str, work: Path, workers: int | No
 
 def tokenize_throughput(docs_dir: Path, ids: list[str], fp: str, work: Path, workers: int) -> tuple[float, dict]:
     out = work / f"tok-{workers}"
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     manifest = tokenize_corpus(docs_dir, ids, out, TokenizeConfig(workers=workers), fp)
-    seconds = time.perf_counter() - t0
-    return manifest["counts"]["sentences"] / seconds, {"dir": out, "manifest": manifest, "seconds": seconds}
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return manifest["counts"]["sentences"] / seconds, {"dir": out, "manifest": manifest, "seconds": seconds, "cpu": cpu}
 
 
-def bare_parse_rate(tokenize_dir: Path, manifest: dict) -> tuple[float, float]:
+def bare_parse_rate(tokenize_dir: Path, manifest: dict) -> tuple[float, float, float]:
     import fugashi
 
     sentences = [s for split in ("train", "heldout")
                  for batch in iter_rows(shard_paths(tokenize_dir, split, manifest), ["text"])
                  for s in batch.column(0).to_pylist()]
     tagger = fugashi.Tagger()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for s in sentences:
         tagger.parse(s)
-    seconds = time.perf_counter() - t0
-    return len(sentences) / seconds, seconds
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return len(sentences) / seconds, seconds, cpu
 
 
-def peak_rss_mib() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024  # Linux: KiB
+def peak_rss_mib() -> dict[str, float]:
+    """Peak RSS of this process and of its largest finished child (a tokenizer worker), MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"main": own, "worker": children, "peak": max(own, children)}
 
 
 def write_plain_copies(docs_dir: Path, ids: list[str], dest: Path, copies: int) -> None:
@@ -112,7 +114,7 @@ def write_plain_copies(docs_dir: Path, ids: list[str], dest: Path, copies: int) 
 def child_memory_run(args: argparse.Namespace) -> None:
     work = Path(args.child_work)
     data_stages([str(Path(args.child_source))], DownloadConfig().aozora_base_url, work)
-    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+    print(json.dumps(peak_rss_mib()))
 
 
 def main() -> None:
@@ -150,9 +152,13 @@ def main() -> None:
         ids = [d["doc_id"] for d in run["docs"]["documents"]][:: args.ratio_every]
         rate1, one = tokenize_throughput(docs_dir, ids, run["docs"]["fingerprint"], work, 1)
         rate2, two = tokenize_throughput(docs_dir, ids, run["docs"]["fingerprint"], work, 2)
-        bare, bare_s = bare_parse_rate(one["dir"], one["manifest"])
+        bare, bare_s, bare_cpu = bare_parse_rate(one["dir"], one["manifest"])
         print(f"ratio_documents={len(ids)} sentences={one['manifest']['counts']['sentences']} "
               f"tokenize_1proc_s={one['seconds']:.1f} tokenize_2proc_s={two['seconds']:.1f} bare_parse_s={bare_s:.1f}")
+        # The same ratio on CPU seconds (1 process: all work is in this process), which a
+        # machine shared with other jobs distorts far less than wall time.
+        print(f"tokenize_1proc_cpu_s={one['cpu']:.1f} bare_parse_cpu_s={bare_cpu:.1f} "
+              f"tokenize_ratio_1proc_cpu={bare_cpu / one['cpu']:.3f}")
         print(f"tokenize_ratio_1proc={rate1 / bare:.3f}")
         print(f"tokenize_scaling_2proc={rate2 / rate1:.3f}", flush=True)
 
@@ -166,11 +172,13 @@ def main() -> None:
                 [sys.executable, __file__, "--child-work", str(work / f"mem-{copies}x"), "--child-source", str(plain)],
                 check=True, capture_output=True, text=True,
             ).stdout
-            peaks[copies] = json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+            peaks[copies] = json.loads(out.strip().splitlines()[-1])
             shutil.rmtree(plain)
             shutil.rmtree(work / f"mem-{copies}x")
-        print(f"rss_documents={len(ids)} peak_rss_1x_mib={peaks[1]:.0f} peak_rss_4x_mib={peaks[4]:.0f}")
-        print(f"peak_rss_ratio_4x={peaks[4] / peaks[1]:.3f}", flush=True)
+        print(f"rss_documents={len(ids)} " + " ".join(
+            f"{k}_rss_{c}x_mib={v:.0f}" for c in (1, 4) for k, v in peaks[c].items() if k != "peak"))
+        print(f"main_rss_ratio_4x={peaks[4]['main'] / peaks[1]['main']:.3f}")
+        print(f"peak_rss_ratio_4x={peaks[4]['peak'] / peaks[1]['peak']:.3f}", flush=True)
     finally:
         server.shutdown()
         if not args.keep:

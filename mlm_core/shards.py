@@ -179,7 +179,12 @@ def tokenize_part(docs_dir: str, doc_ids: list[str], parts_dir: str, name: str, 
     if done.is_file():
         return read_json(done)["summary"]
     mecab = _MECAB
-    columns: dict[str, list] = {n: [] for n in PART_SCHEMA.names}
+    columns: dict[str, list] = {n: [] for n in ("doc_id", "sentence_index", "text", "heldout")}
+    # words and pos as flat lists + offsets: Arrow builds list columns from these ~7x faster
+    # than from a Python list of lists.
+    words_flat: list[str] = []
+    pos_flat: list[str] = []
+    offsets = [0]
     counts = {split: {"sentences": 0, "words": 0, "characters": 0} for split in SPLITS}
     sample = None
     for doc_id in doc_ids:
@@ -190,17 +195,32 @@ def tokenize_part(docs_dir: str, doc_ids: list[str], parts_dir: str, name: str, 
                 if not words:
                     continue
                 heldout = is_heldout(sentence, cfg.heldout_fraction, cfg.split_salt)
-                for column, value in zip(PART_SCHEMA.names, (doc_id, index, sentence, words, pos, heldout)):
-                    columns[column].append(value)
-                split = "heldout" if heldout else "train"
-                c = counts[split]
+                columns["doc_id"].append(doc_id)
+                columns["sentence_index"].append(index)
+                columns["text"].append(sentence)
+                columns["heldout"].append(heldout)
+                words_flat += words
+                pos_flat += pos
+                offsets.append(len(words_flat))
+                c = counts["heldout" if heldout else "train"]
                 c["sentences"] += 1
                 c["words"] += len(words)
                 c["characters"] += len(sentence)
                 if sample is None:
                     sample = {"doc_id": doc_id, "text": sentence, "words": words, "pos": pos}
                 index += 1
-    table = pa.table(columns, schema=PART_SCHEMA)
+    list_offsets = pa.array(offsets, pa.int32())
+    table = pa.Table.from_arrays(
+        [
+            pa.array(columns["doc_id"], pa.string()),
+            pa.array(columns["sentence_index"], pa.int32()),
+            pa.array(columns["text"], pa.string()),
+            pa.ListArray.from_arrays(list_offsets, pa.array(words_flat, pa.string())),
+            pa.ListArray.from_arrays(list_offsets, pa.array(pos_flat, pa.string())),
+            pa.array(columns["heldout"], pa.bool_()),
+        ],
+        schema=PART_SCHEMA,
+    )
     with atomic_path(Path(parts_dir) / f"{name}.parquet") as tmp:
         pq.write_table(table, tmp, compression="zstd")
     with atomic_path(Path(parts_dir) / f"{name}.counts.parquet") as tmp:
