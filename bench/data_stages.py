@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -95,11 +96,69 @@ def bare_parse_rate(tokenize_dir: Path, manifest: dict) -> tuple[float, float, f
     return len(sentences) / seconds, seconds, cpu
 
 
-def peak_rss_mib() -> dict[str, float]:
-    """Peak RSS of this process and of its largest finished child (a tokenizer worker), MiB."""
+class WorkerPeak:
+    """The largest peak RSS (VmHWM) of any process descended from this one, sampled from
+    /proc: tokenizer workers are children of the forkserver, not ours, so getrusage misses them."""
+
+    def __init__(self, every_s: float = 0.2) -> None:
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _descendants() -> list[int]:
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        found, frontier = [], [os.getpid()]
+        while frontier:
+            kids = [c for c, p in parents.items() if p == frontier[-1]]
+            frontier.pop()
+            found += kids
+            frontier += kids
+        return found
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            for pid in self._descendants():
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+                except OSError:
+                    continue
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_kib / 1024
+
+
+def peak_rss_mib(workers: WorkerPeak) -> dict[str, float]:
+    """Peak RSS of this process and of its largest worker process, MiB."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"main": own, "worker": children, "peak": max(own, children)}
+    worker = workers.stop()
+    return {"main": own, "worker": worker, "peak": max(own, worker)}
+
+
+def throughput(docs_dir: Path, ids: list[str], run: dict, work: Path) -> None:
+    """Tokenize on 1 and 2 processes vs a bare Tagger.parse loop over the same sentences."""
+    rate1, one = tokenize_throughput(docs_dir, ids, run["docs"]["fingerprint"], work, 1)
+    rate2, two = tokenize_throughput(docs_dir, ids, run["docs"]["fingerprint"], work, 2)
+    bare, bare_s, bare_cpu = bare_parse_rate(one["dir"], one["manifest"])
+    print(f"ratio_documents={len(ids)} sentences={one['manifest']['counts']['sentences']} "
+          f"tokenize_1proc_s={one['seconds']:.1f} tokenize_2proc_s={two['seconds']:.1f} bare_parse_s={bare_s:.1f}")
+    # The same ratio on CPU seconds (1 process: all work is in this process), which a
+    # machine shared with other jobs distorts far less than wall time.
+    print(f"tokenize_1proc_cpu_s={one['cpu']:.1f} bare_parse_cpu_s={bare_cpu:.1f} "
+          f"tokenize_ratio_1proc_cpu={bare_cpu / one['cpu']:.3f}")
+    print(f"tokenize_ratio_1proc={rate1 / bare:.3f}")
+    print(f"tokenize_scaling_2proc={rate2 / rate1:.3f}", flush=True)
 
 
 def write_plain_copies(docs_dir: Path, ids: list[str], dest: Path, copies: int) -> None:
@@ -113,8 +172,9 @@ def write_plain_copies(docs_dir: Path, ids: list[str], dest: Path, copies: int) 
 
 def child_memory_run(args: argparse.Namespace) -> None:
     work = Path(args.child_work)
+    workers = WorkerPeak()
     data_stages([str(Path(args.child_source))], DownloadConfig().aozora_base_url, work)
-    print(json.dumps(peak_rss_mib()))
+    print(json.dumps(peak_rss_mib(workers)))
 
 
 def main() -> None:
@@ -126,6 +186,8 @@ def main() -> None:
     parser.add_argument("--rss-every", type=int, default=1,
                         help="measure the memory ratio on every Nth document (default: all)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--skip-throughput", action="store_true",
+                        help="skip the 1/2-process tokenize and bare-parse measurements")
     parser.add_argument("--child-work", help=argparse.SUPPRESS)
     parser.add_argument("--child-source", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,17 +212,8 @@ def main() -> None:
         # 2. tokenize on 1 and 2 processes vs a bare Tagger.parse loop over the same sentences
         docs_dir = work / "full" / "download" / "docs"
         ids = [d["doc_id"] for d in run["docs"]["documents"]][:: args.ratio_every]
-        rate1, one = tokenize_throughput(docs_dir, ids, run["docs"]["fingerprint"], work, 1)
-        rate2, two = tokenize_throughput(docs_dir, ids, run["docs"]["fingerprint"], work, 2)
-        bare, bare_s, bare_cpu = bare_parse_rate(one["dir"], one["manifest"])
-        print(f"ratio_documents={len(ids)} sentences={one['manifest']['counts']['sentences']} "
-              f"tokenize_1proc_s={one['seconds']:.1f} tokenize_2proc_s={two['seconds']:.1f} bare_parse_s={bare_s:.1f}")
-        # The same ratio on CPU seconds (1 process: all work is in this process), which a
-        # machine shared with other jobs distorts far less than wall time.
-        print(f"tokenize_1proc_cpu_s={one['cpu']:.1f} bare_parse_cpu_s={bare_cpu:.1f} "
-              f"tokenize_ratio_1proc_cpu={bare_cpu / one['cpu']:.3f}")
-        print(f"tokenize_ratio_1proc={rate1 / bare:.3f}")
-        print(f"tokenize_scaling_2proc={rate2 / rate1:.3f}", flush=True)
+        if not args.skip_throughput:
+            throughput(docs_dir, ids, run, work)
 
         # 3. peak memory on 1x and 4x the corpus, each in a fresh process
         ids = [d["doc_id"] for d in run["docs"]["documents"]][:: args.rss_every]
