@@ -24,8 +24,16 @@ _OPTIONS: list[tuple[str, type[BaseModel], str, str, dict]] = [
     ("download", DownloadConfig, "sources", "--source", {"action": "append", "metavar": "SRC"}),
     ("download", DownloadConfig, "encoding", "--encoding", {}),
     ("download", DownloadConfig, "timeout_s", "--timeout", {"type": float}),
+    ("download", DownloadConfig, "aozora_base_url", "--aozora-base-url", {"metavar": "URL|DIR"}),
+    ("download", DownloadConfig, "concurrency", "--download-concurrency", {"type": int}),
+    ("download", DownloadConfig, "per_host", "--per-host", {"type": int}),
+    ("download", DownloadConfig, "retries", "--download-retries", {"type": int}),
+    ("download", DownloadConfig, "max_failed_fraction", "--max-failed-fraction", {"type": float}),
     ("tokenize", TokenizeConfig, "heldout_fraction", "--heldout-fraction", {"type": float}),
     ("tokenize", TokenizeConfig, "max_rows_per_shard", "--max-rows-per-shard", {"type": int}),
+    ("tokenize", TokenizeConfig, "workers", "--workers", {"type": int}),
+    ("tokenize", TokenizeConfig, "dask", "--dask", {"action": "store_true"}),
+    ("tokenize", TokenizeConfig, "dask_address", "--dask-address", {"metavar": "tcp://HOST:PORT"}),
     ("vocab", VocabConfig, "vocab_size", "--vocab-size", {"type": int}),
     ("vocab", VocabConfig, "min_frequency", "--min-frequency", {"type": int}),
     ("vocab", VocabConfig, "limit_alphabet", "--limit-alphabet", {"type": int}),
@@ -123,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  melos pretrain\n"
         "  melos pretrain --source my_novel.txt --source https://www.aozora.gr.jp/cards/000035/files/1567_ruby_4948.zip\n"
+        "  melos pretrain --source aozora:author=35,879 --workers 4\n"
+        "  melos pretrain --source 'jsonl:wiki.jsonl?field=text' --dask-address tcp://scheduler:8786\n"
         "  melos pretrain --epochs 20 --mask-rate 0.2 --masking static --seed 1\n"
         "  melos pretrain --resume            # continue an interrupted run with the same settings",
         formatter_class=_HelpFormatter,
@@ -131,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls, field, flag, extra in _OPTIONS:
         heading = _HEADINGS.get(section) or cls.__doc__.splitlines()[0].rstrip(".")
         group = groups.setdefault(section, p.add_argument_group(heading))
-        if "metavar" not in extra and "choices" not in extra:
+        if "metavar" not in extra and "choices" not in extra and extra.get("action") != "store_true":
             extra = {**extra, "metavar": {int: "N", float: "X"}.get(extra.get("type"), "NAME")}
         group.add_argument(
             flag, dest=f"{section}.{field}", default=argparse.SUPPRESS, help=_help(cls, field, extra), **extra
@@ -331,11 +341,20 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = ns.tracking_uri
     if ns.register_as is not None and not ns.register_as.strip():
         raise SystemExit(f"melos: --register-as needs a registered model name, got {ns.register_as!r}")
+    from mlm_core.download import SourceError, check_sources
+
+    try:  # before any server starts: a missing file should not cost a Prefect start-up
+        check_sources(configs["download"])
+    except SourceError as exc:
+        raise SystemExit(f"melos: {exc}") from None
     from flows.pretrain import pretrain
 
-    result = pretrain(
-        **configs, workdir=ns.workdir, experiment=ns.experiment, resume=ns.resume, register_as=ns.register_as
-    )
+    try:
+        result = pretrain(
+            **configs, workdir=ns.workdir, experiment=ns.experiment, resume=ns.resume, register_as=ns.register_as
+        )
+    except SourceError as exc:  # the traceback is in the flow run's log already; one line here
+        raise SystemExit(f"melos: {exc}") from None
     if ns.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return 0

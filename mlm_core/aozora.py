@@ -419,3 +419,11 @@ def clean_aozora(text: str) -> AozoraText:
         footer=parts.footer,
         is_aozora=parts.is_aozora,
     )
+
+
+def clean_plain(text: str) -> str:
+    """Text from elsewhere (a JSON Lines or Parquet corpus): no Aozora markup to remove, but
+    the same NFKC and one-paragraph-per-line layout as Aozora bodies."""
+    text = unicodedata.normalize("NFKC", _normalise_newlines(text))
+    lines = (line.strip() for line in text.split("\n"))
+    return "\n".join(line for line in lines if line)

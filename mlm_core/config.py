@@ -26,13 +26,25 @@ class _Config(BaseModel):
 class DownloadConfig(_Config):
     """Stage 1: where the raw documents come from and how they are read."""
 
-    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("timeout_s", "max_bytes")
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = (
+        "timeout_s", "max_bytes", "concurrency", "per_host", "retries", "retry_backoff_s", "max_failed_fraction",
+    )
 
     sources: list[str] = Field(
         default_factory=lambda: [EMBEDDED_SOURCE],
         description=(
             "Corpus sources, several allowed: 'embedded' (走れメロス, shipped with Melos), "
-            "a local .zip or .txt path, or an http(s) URL of an Aozora Bunko ZIP."
+            "a local .zip or .txt path, a directory or glob of them, an http(s) URL of an Aozora Bunko ZIP, "
+            "an Aozora catalogue selection ('aozora:author=35', 'aozora:author=35,879', 'aozora:work=1567', "
+            "'aozora:all'), or a JSON Lines / Parquet file with a text column ('jsonl:path?field=text', "
+            "'parquet:path?field=text')."
+        ),
+    )
+    aozora_base_url: str = Field(
+        "https://www.aozora.gr.jp/",
+        description=(
+            "Where 'aozora:' sources read the catalogue and the works: the site, a mirror URL, or a local "
+            "directory laid out like the site (index_pages/, cards/)."
         ),
     )
     encoding: str = Field(
@@ -44,6 +56,19 @@ class DownloadConfig(_Config):
         256 * 1024 * 1024,
         gt=0,
         description="Refuse a download or ZIP member larger than this many bytes (guards against zip bombs).",
+    )
+    concurrency: int = Field(8, ge=1, description="Downloads in flight at once.")
+    per_host: int = Field(4, ge=1, description="Downloads in flight at once from any one host.")
+    retries: int = Field(2, ge=0, description="Retries of a file after a transient error (timeout, reset, 5xx/429).")
+    retry_backoff_s: float = Field(1.0, ge=0, description="First retry delay in seconds; doubles with each retry.")
+    max_failed_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Share of the works of a catalogue, directory or glob selection that may fail without failing the stage "
+            "(failures are listed in the manifest). A source named explicitly always fails the stage."
+        ),
     )
 
     @field_validator("sources")
@@ -58,6 +83,8 @@ class DownloadConfig(_Config):
 class TokenizeConfig(_Config):
     """Stage 2: sentence splitting, MeCab words, held-out split and Parquet sharding."""
 
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("part_chars", "workers", "dask", "dask_address")
+
     heldout_fraction: float = Field(
         0.1,
         ge=0.0,
@@ -70,6 +97,25 @@ class TokenizeConfig(_Config):
     )
     max_rows_per_shard: int = Field(100_000, gt=0, description="Sentences per Parquet shard file.")
     row_group_size: int = Field(10_000, gt=0, description="Rows per Parquet row group (the streaming unit).")
+    part_chars: int = Field(
+        200_000,
+        gt=0,
+        description=(
+            "Documents are tokenized in parts of about this many characters (whole documents): the unit of "
+            "parallel work and of crash recovery. The shards do not depend on it."
+        ),
+    )
+    workers: int | None = Field(
+        None, ge=1, description="Tokenizer processes on this machine (None: one per CPU core)."
+    )
+    dask: bool = Field(False, description="Tokenize on a Dask cluster (prefect-dask) instead of a local process pool.")
+    dask_address: str | None = Field(
+        None,
+        description=(
+            "Scheduler address of an existing Dask cluster (e.g. tcp://10.0.0.5:8786); implies dask. Without it "
+            "dask starts a local cluster of `workers` processes. Outputs must be on storage every worker sees."
+        ),
+    )
 
 
 class VocabConfig(_Config):

@@ -17,22 +17,31 @@ pos                list<string>     their parts of speech, ``pos1`` or ``pos1-po
 Sentences go to ``train-NNNNN.parquet`` or ``heldout-NNNNN.parquet`` by a salted hash
 of their text, so the split is deterministic, independent of document order, and a
 sentence repeated anywhere in the corpus always lands on the same side (no leakage of
-duplicates into evaluation). Everything streams: one document is read line by line and
-rows are flushed every ``row_group_size`` sentences.
+duplicates into evaluation). Documents are tokenized in parts (whole documents, about
+``part_chars`` characters each) that any engine may run in parallel; the parts are merged
+in document order, so the shards never depend on how many workers ran them. Beside the
+shards, ``word_counts.parquet`` holds the (split, word, count) triples the vocab stage
+needs.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+import multiprocessing
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import TokenizeConfig
-from .io import atomic_dir, atomic_write_json, fingerprint
+from .io import atomic_dir, atomic_path, atomic_write_json, fingerprint, read_json
 from .sentences import split_sentences
 from .tokenizer import MecabWords
 
@@ -57,7 +66,9 @@ def analyzer_versions() -> dict[str, str]:
 
 def tokenize_key(upstream_fingerprint: str, cfg: TokenizeConfig) -> str:
     """Same documents + settings + analyzer -> same key -> the stage can be skipped."""
-    return fingerprint("tokenize", SCHEMA_VERSION, upstream_fingerprint, cfg.fingerprint_fields(), analyzer_versions())
+    return fingerprint(
+        "tokenize", SCHEMA_VERSION, OUTPUT_VERSION, upstream_fingerprint, cfg.fingerprint_fields(), analyzer_versions()
+    )
 
 
 def is_heldout(text: str, fraction: float, salt: str) -> bool:
@@ -71,8 +82,21 @@ def is_heldout(text: str, fraction: float, salt: str) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
+PART_SCHEMA = pa.schema([*SHARD_SCHEMA, pa.field("heldout", pa.bool_(), nullable=False)])
+WORD_COUNTS_FILE = "word_counts.parquet"
+WORD_COUNTS_SCHEMA = pa.schema(
+    [pa.field("split", pa.string(), nullable=False), pa.field("word", pa.string(), nullable=False),
+     pa.field("count", pa.int64(), nullable=False)]
+)
+_MECAB = MecabWords()  # one Tagger per process, built on first use, reused by every part
+
+# Bumped when the stage's output files change (v2: per-split word counts beside the shards).
+OUTPUT_VERSION = 2
+
+
 class ShardWriter:
-    """Appends rows to ``{prefix}-NNNNN.parquet`` files of at most ``max_rows`` rows."""
+    """Appends rows to ``{prefix}-NNNNN.parquet`` files of at most ``max_rows`` rows, in row
+    groups of ``row_group_size`` rows."""
 
     def __init__(self, out_dir: Path, prefix: str, max_rows: int, row_group_size: int) -> None:
         self.out_dir, self.prefix = out_dir, prefix
@@ -80,37 +104,35 @@ class ShardWriter:
         self.files: list[dict] = []
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_file = 0
-        self._buffer: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
 
-    def add(self, doc_id: str, sentence_index: int, text: str, words: list[str], pos: list[str]) -> None:
-        for name, value in zip(SHARD_SCHEMA.names, (doc_id, sentence_index, text, words, pos)):
-            self._buffer[name].append(value)
-        if len(self._buffer["text"]) >= self.row_group_size or (
-            self._rows_in_file + len(self._buffer["text"]) >= self.max_rows
-        ):
-            self._flush()
+    def add_table(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._pending.append(table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
+            self._pending_rows += table.num_rows
+        while self._pending_rows and self._pending_rows >= min(self.row_group_size, self.max_rows - self._rows_in_file):
+            self._write(min(self.row_group_size, self.max_rows - self._rows_in_file))
 
-    def _flush(self) -> None:
-        pending = len(self._buffer["text"])
-        while pending:
-            if self._writer is None:
-                path = self.out_dir / f"{self.prefix}-{len(self.files):05d}.parquet"
-                self._writer = pq.ParquetWriter(path, SHARD_SCHEMA, compression="zstd")
-                self.files.append({"file": path.name, "rows": 0})
-                self._rows_in_file = 0
-            take = min(pending, self.max_rows - self._rows_in_file)
-            table = pa.table({k: v[:take] for k, v in self._buffer.items()}, schema=SHARD_SCHEMA)
-            self._writer.write_table(table, row_group_size=self.row_group_size)
-            self._buffer = {k: v[take:] for k, v in self._buffer.items()}
-            self._rows_in_file += take
-            self.files[-1]["rows"] += take
-            pending -= take
-            if self._rows_in_file >= self.max_rows:
-                self._writer.close()
-                self._writer = None
+    def _write(self, rows: int) -> None:
+        pending = pa.concat_tables(self._pending)
+        chunk, rest = pending.slice(0, rows), pending.slice(rows)
+        self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        if self._writer is None:
+            path = self.out_dir / f"{self.prefix}-{len(self.files):05d}.parquet"
+            self._writer = pq.ParquetWriter(path, SHARD_SCHEMA, compression="zstd")
+            self.files.append({"file": path.name, "rows": 0})
+            self._rows_in_file = 0
+        self._writer.write_table(chunk, row_group_size=self.row_group_size)
+        self._rows_in_file += rows
+        self.files[-1]["rows"] += rows
+        if self._rows_in_file >= self.max_rows:
+            self._writer.close()
+            self._writer, self._rows_in_file = None, 0
 
     def close(self) -> None:
-        self._flush()
+        while self._pending_rows:
+            self._write(min(self._pending_rows, self.row_group_size, self.max_rows - self._rows_in_file))
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -124,45 +146,185 @@ def iter_document_lines(path: Path) -> Iterator[str]:
                 yield line
 
 
+def plan_parts(docs_dir: Path, doc_ids: list[str], part_chars: int) -> list[list[str]]:
+    """Consecutive documents grouped into parts of about ``part_chars`` characters (UTF-8
+    bytes / 3, read from the file sizes): a function of the corpus, never of the workers."""
+    parts: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for doc_id in doc_ids:
+        current.append(doc_id)
+        size += (docs_dir / f"{doc_id}.txt").stat().st_size // 3
+        if size >= part_chars:
+            parts.append(current)
+            current, size = [], 0
+    if current:
+        parts.append(current)
+    return parts
+
+
+def _part_name(index: int, doc_ids: list[str]) -> str:
+    return f"part-{index:05d}-{fingerprint(doc_ids, length=8)}"
+
+
+def tokenize_part(docs_dir: str, doc_ids: list[str], parts_dir: str, name: str, cfg: TokenizeConfig) -> dict:
+    """The unit of parallel work: documents -> ``{name}.parquet`` (rows of both splits) and
+    ``{name}.json`` (counts, word counts per split, a sample). Pure: same inputs, same files.
+
+    ``{name}.counts.parquet`` holds its word counts per split. The JSON is written last,
+    atomically; its presence marks the part done, so a re-run after a crash redoes only
+    the parts without one.
+    """
+    done = Path(parts_dir) / f"{name}.json"
+    if done.is_file():
+        return read_json(done)["summary"]
+    mecab = _MECAB
+    columns: dict[str, list] = {n: [] for n in ("doc_id", "sentence_index", "text", "heldout")}
+    # words and pos as flat lists + offsets: Arrow builds list columns from these ~7x faster
+    # than from a Python list of lists.
+    words_flat: list[str] = []
+    pos_flat: list[str] = []
+    offsets = [0]
+    counts = {split: {"sentences": 0, "words": 0, "characters": 0} for split in SPLITS}
+    sample = None
+    for doc_id in doc_ids:
+        index = 0
+        for line in iter_document_lines(Path(docs_dir) / f"{doc_id}.txt"):
+            for sentence in split_sentences(line):
+                words, pos = mecab(sentence)
+                if not words:
+                    continue
+                heldout = is_heldout(sentence, cfg.heldout_fraction, cfg.split_salt)
+                columns["doc_id"].append(doc_id)
+                columns["sentence_index"].append(index)
+                columns["text"].append(sentence)
+                columns["heldout"].append(heldout)
+                words_flat += words
+                pos_flat += pos
+                offsets.append(len(words_flat))
+                c = counts["heldout" if heldout else "train"]
+                c["sentences"] += 1
+                c["words"] += len(words)
+                c["characters"] += len(sentence)
+                if sample is None:
+                    sample = {"doc_id": doc_id, "text": sentence, "words": words, "pos": pos}
+                index += 1
+    list_offsets = pa.array(offsets, pa.int32())
+    table = pa.Table.from_arrays(
+        [
+            pa.array(columns["doc_id"], pa.string()),
+            pa.array(columns["sentence_index"], pa.int32()),
+            pa.array(columns["text"], pa.string()),
+            pa.ListArray.from_arrays(list_offsets, pa.array(words_flat, pa.string())),
+            pa.ListArray.from_arrays(list_offsets, pa.array(pos_flat, pa.string())),
+            pa.array(columns["heldout"], pa.bool_()),
+        ],
+        schema=PART_SCHEMA,
+    )
+    with atomic_path(Path(parts_dir) / f"{name}.parquet") as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    with atomic_path(Path(parts_dir) / f"{name}.counts.parquet") as tmp:
+        pq.write_table(_count_table(table), tmp)
+    summary = {"name": name, "documents": len(doc_ids), "counts": counts, "sample": sample}
+    atomic_write_json(done, {"summary": summary})
+    return summary
+
+
+def _count_table(part: pa.Table) -> pa.Table:
+    """(split, word, count) of a part's rows, counted by Arrow rather than word by word."""
+    tables = []
+    for split, mask in (("train", pc.invert(part.column("heldout"))), ("heldout", part.column("heldout"))):
+        words = pc.list_flatten(part.filter(mask).column("words"))
+        counted = pa.table({"word": words}).group_by("word").aggregate([("word", "count")])
+        tables.append(pa.table({
+            "split": pa.array([split] * counted.num_rows, pa.string()),
+            "word": counted.column("word"),
+            "count": pc.cast(counted.column("word_count"), pa.int64()),
+        }, schema=WORD_COUNTS_SCHEMA))
+    return pa.concat_tables(tables)
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (respects taskset/cgroup affinity where the OS says)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _map_local(workers: int | None) -> Callable:
+    """A process pool's ordered map (one fugashi Tagger per process), or a plain map."""
+
+    def run(fn: Callable, *iterables) -> Iterator:
+        jobs = list(zip(*iterables))
+        n = min(workers or cpu_count(), len(jobs))
+        if n <= 1:
+            yield from (fn(*job) for job in jobs)
+            return
+        ctx = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(n, mp_context=ctx) as pool:
+            yield from pool.map(fn, *zip(*jobs))
+
+    return run
+
+
 def tokenize_corpus(
     docs_dir: Path,
     doc_ids: Iterable[str],
     out_dir: Path,
     cfg: TokenizeConfig,
     upstream_fingerprint: str,
+    map_fn: Callable | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Run stage 2 into ``out_dir``; returns the manifest (also written as manifest.json)."""
-    mecab = MecabWords()
+    """Run stage 2 into ``out_dir``; returns the manifest (also written as manifest.json).
+
+    Documents are tokenized in parts, fanned out by ``map_fn`` (an ordered ``map`` such as
+    a process pool's or a Dask client's; default: a local process pool of ``cfg.workers``),
+    then merged in document order into the shards, so the output is the same whatever
+    runs the parts. Parts finished before a crash are kept next to ``out_dir`` and reused.
+    """
+    doc_ids = list(doc_ids)
+    missing = [d for d in doc_ids if not (docs_dir / f"{d}.txt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"document {missing[0]!r} is missing from {docs_dir} ({len(missing)} missing); rerun download")
+    parts = plan_parts(docs_dir, doc_ids, cfg.part_chars)
+    parts_dir = out_dir.parent / f".{out_dir.name}.parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    names = [_part_name(i, p) for i, p in enumerate(parts)]
+    mapper = map_fn or _map_local(cfg.workers)
     counts = {split: {"sentences": 0, "words": 0, "characters": 0} for split in SPLITS}
-    n_docs = 0
     sample: dict | None = None
+    word_counts: dict[str, Counter[str]] = {split: Counter() for split in SPLITS}
     with atomic_dir(out_dir) as tmp:
         writers = {s: ShardWriter(tmp, s, cfg.max_rows_per_shard, cfg.row_group_size) for s in SPLITS}
-        for doc_id in doc_ids:
-            n_docs += 1
-            index = 0
-            for line in iter_document_lines(docs_dir / f"{doc_id}.txt"):
-                for sentence in split_sentences(line):
-                    words, pos = mecab(sentence)
-                    if not words:
-                        continue
-                    split = "heldout" if is_heldout(sentence, cfg.heldout_fraction, cfg.split_salt) else "train"
-                    writers[split].add(doc_id, index, sentence, words, pos)
-                    c = counts[split]
-                    c["sentences"] += 1
-                    c["words"] += len(words)
-                    c["characters"] += len(sentence)
-                    if sample is None:
-                        sample = {"doc_id": doc_id, "text": sentence, "words": words, "pos": pos}
-                    index += 1
+        results = mapper(tokenize_part, [str(docs_dir)] * len(parts), parts, [str(parts_dir)] * len(parts), names,
+                         [cfg] * len(parts))
+        for n, summary in enumerate(results, 1):
+            name = summary["name"]
+            table = pq.read_table(parts_dir / f"{name}.parquet")
+            heldout = table.column("heldout")
+            writers["train"].add_table(table.filter(pc.invert(heldout)))
+            writers["heldout"].add_table(table.filter(heldout))
+            for split in SPLITS:
+                for k, v in summary["counts"][split].items():
+                    counts[split][k] += v
+            part_counts = pq.read_table(parts_dir / f"{name}.counts.parquet")
+            for split, word, n in zip(*(part_counts.column(c).to_pylist() for c in WORD_COUNTS_SCHEMA.names)):
+                word_counts[split][word] += n
+            sample = sample or summary["sample"]
+            if progress is not None:
+                progress(n, len(parts))
         for w in writers.values():
             w.close()
         if counts["train"]["sentences"] == 0:
+            shutil.rmtree(parts_dir, ignore_errors=True)  # a re-run cannot change this: keep nothing
             raise ValueError(
-                f"no training sentences: the {n_docs} document(s) in {docs_dir} gave "
+                f"no training sentences: the {len(doc_ids)} document(s) in {docs_dir} gave "
                 f"{counts['heldout']['sentences']} held-out and 0 training sentences; "
                 "add text or lower heldout_fraction"
             )
+        write_word_counts(tmp / WORD_COUNTS_FILE, word_counts)
         totals = {k: sum(counts[s][k] for s in SPLITS) for k in ("sentences", "words", "characters")}
         manifest = {
             "stage": "tokenize",
@@ -171,12 +333,35 @@ def tokenize_corpus(
             "config": cfg.fingerprint_fields(),
             "upstream_fingerprint": upstream_fingerprint,
             "fingerprint": tokenize_key(upstream_fingerprint, cfg),
-            "counts": {"documents": n_docs, **totals, "splits": counts},
+            "counts": {"documents": len(doc_ids), **totals, "splits": counts,
+                       "distinct_words": {s: len(word_counts[s]) for s in SPLITS}},
             "shards": {s: writers[s].files for s in SPLITS},
+            "word_counts": WORD_COUNTS_FILE,
             "sample": sample,
         }
         atomic_write_json(tmp / "manifest.json", manifest)
+    shutil.rmtree(parts_dir, ignore_errors=True)
     return manifest
+
+
+def write_word_counts(path: Path, word_counts: dict[str, Counter[str]]) -> None:
+    """Per-split word counts, most frequent first (ties by word), as one Parquet file."""
+    columns: dict[str, list] = {"split": [], "word": [], "count": []}
+    for split in SPLITS:
+        for word, n in sorted(word_counts[split].items(), key=lambda kv: (-kv[1], kv[0])):
+            columns["split"].append(split)
+            columns["word"].append(word)
+            columns["count"].append(n)
+    pq.write_table(pa.table(columns, schema=WORD_COUNTS_SCHEMA), path, compression="zstd")
+
+
+def read_word_counts(tokenize_dir: Path, manifest: dict, split: str) -> dict[str, int] | None:
+    """The split's word counts made during tokenization (None for an output without them)."""
+    name = manifest.get("word_counts")
+    if not name:
+        return None
+    table = pq.read_table(tokenize_dir / name, filters=[("split", "=", split)], columns=["word", "count"])
+    return dict(zip(table.column("word").to_pylist(), table.column("count").to_pylist()))
 
 
 def shard_paths(tokenize_dir: Path, split: str, manifest: dict) -> list[Path]:

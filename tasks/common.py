@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlm_core.io import fingerprint
+from mlm_core.io import fingerprint, read_json
 
 MANIFEST = "manifest.json"
 
@@ -52,6 +52,45 @@ def record(stage: str, out_dir: Path, key: str, manifest: dict, mlflow_run_id: s
 
 
 def run_cached(task, out_dir: Path, **kwargs: Any) -> dict:
-    """Call a cached stage task, refreshing its cache when its output directory is gone."""
-    fresh = not (out_dir / MANIFEST).is_file()
+    """Call a cached stage task, refreshing its cache when its output directory is gone, or
+    when it left files out after failures (a re-run retries them; the rest is in the raw cache)."""
+    manifest = out_dir / MANIFEST
+    fresh = not manifest.is_file() or bool(read_json(manifest).get("failures"))
     return task.with_options(refresh_cache=fresh)(**kwargs)
+
+
+def stage_progress(stage: str, unit: str = "documents"):
+    """A progress reporter for a stage: a bar or log lines, and a Prefect progress artifact
+    (``melos-<stage>-progress``) so the Prefect UI shows where a run is."""
+    from prefect import get_run_logger
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    from mlm_core.progress import Progress
+
+    artifact = create_progress_artifact(0.0, key=f"melos-{stage}-progress", description=f"{stage}: {unit} done (%)")
+
+    def report(done: int, total: int) -> None:
+        update_progress_artifact(artifact, progress=100.0 * done / total if total else 100.0)
+
+    return Progress(stage, unit, listeners=(report,), log=get_run_logger().info)
+
+
+def log_corpus_dataset(run_ids: list[str], name: str, fingerprint_: str, location: str, profile: dict) -> None:
+    """Record the corpus as an MLflow dataset input (name, digest, source, counts) of each run,
+    so the MLflow UI shows what a run was trained on."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from .tracking import client
+
+    dataset = Dataset(
+        name=name,
+        digest=fingerprint_,
+        source_type="local",
+        source=json.dumps({"uri": location}),
+        profile=json.dumps(profile, ensure_ascii=False),
+    )
+    c = client()
+    for run_id in run_ids:
+        c.log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])])

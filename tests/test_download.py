@@ -144,6 +144,10 @@ def test_several_sources_in_one_run_get_unique_ids(tmp_path: Path, http_server) 
         "raw_bytes": sum(d["raw_bytes"] for d in manifest["documents"]),
         "characters": sum(d["text_chars"] for d in manifest["documents"]),
         "skipped": 0,
+        "files": 4,
+        "skipped_no_url": 0,
+        "skipped_external_url": 0,
+        "failed": 0,
     }
     assert sorted(p.name for p in (out / "docs").iterdir()) == sorted(f"{i}.txt" for i in ids)
     by_source = {d["source"]: d for d in manifest["documents"]}
@@ -357,7 +361,7 @@ def test_timeout_is_transient_and_names_the_url(tmp_path: Path, http_server) -> 
     http_server.slow_seconds = 3.0
     url = http_server.url("slow/" + MELOS_URL_PATH)
     with pytest.raises(TransientSourceError) as info:
-        download_corpus(DownloadConfig(sources=[url], timeout_s=0.5), tmp_path / "out", tmp_path / "raw")
+        download_corpus(DownloadConfig(sources=[url], timeout_s=0.5, retries=0), tmp_path / "out", tmp_path / "raw")
     assert url in str(info.value)
     assert "timed out" in str(info.value)
     assert not (tmp_path / "out").exists()
@@ -368,7 +372,7 @@ def test_http_503_is_transient_and_a_retry_fetches_the_file(tmp_path: Path, http
     serve(http_server, MELOS_URL_PATH, MELOS_BYTES)
     http_server.flaky_failures = 3
     url = http_server.url("flaky/" + MELOS_URL_PATH)
-    cfg = DownloadConfig(sources=[url])
+    cfg = DownloadConfig(sources=[url], retries=0)
     for _ in range(3):
         with pytest.raises(TransientSourceError) as info:
             download_corpus(cfg, tmp_path / "out", tmp_path / "raw")
@@ -384,7 +388,7 @@ def test_http_503_is_transient_and_a_retry_fetches_the_file(tmp_path: Path, http
 def test_connection_refused_is_transient(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/x.zip"
     with pytest.raises(TransientSourceError) as info:
-        download_corpus(DownloadConfig(sources=[url], timeout_s=2), tmp_path / "out", tmp_path / "raw")
+        download_corpus(DownloadConfig(sources=[url], timeout_s=2, retries=0), tmp_path / "out", tmp_path / "raw")
     assert url in str(info.value)
 
 
@@ -425,7 +429,7 @@ def test_failure_leaves_previous_output_intact(tmp_path: Path, request, failure:
     # empty source next to a good one is only skipped, so it has to stand alone.
     sources = [source] if failure == "empty" else ["embedded", source]
     with pytest.raises(SourceError):
-        download_corpus(DownloadConfig(sources=sources, timeout_s=0.5), out, tmp_path / "raw")
+        download_corpus(DownloadConfig(sources=sources, timeout_s=0.5, retries=0), out, tmp_path / "raw")
 
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
     assert json.loads((out / "manifest.json").read_text(encoding="utf-8")) == good

@@ -15,6 +15,7 @@ from mlm_core.download import download_corpus
 from mlm_core.shards import (
     SHARD_SCHEMA,
     SPLITS,
+    WORD_COUNTS_FILE,
     is_heldout,
     iter_rows,
     shard_paths,
@@ -78,7 +79,7 @@ def test_schema_is_the_documented_one(default_run) -> None:
         "pos": "list<item: string>",
     }
     assert manifest["schema_version"] == 1
-    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in paths] + ["manifest.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in paths] + ["manifest.json", WORD_COUNTS_FILE])
 
 
 def test_rows_words_and_pos(default_run, docs) -> None:
@@ -133,7 +134,7 @@ def test_manifest_counts_match_a_recount(default_run, docs) -> None:
     assert manifest["stage"] == "tokenize"
     assert manifest["upstream_fingerprint"] == docs[2]
     assert manifest["fingerprint"] == tokenize_key(docs[2], TokenizeConfig())
-    assert manifest["config"] == TokenizeConfig().model_dump()
+    assert manifest["config"] == TokenizeConfig().fingerprint_fields()
 
     sample = manifest["sample"]
     assert sample["doc_id"] == docs[1][0]
@@ -184,7 +185,7 @@ def test_shard_boundary_exactly_full(tmp_path: Path) -> None:
         "train": [{"file": "train-00000.parquet", "rows": 10}, {"file": "train-00001.parquet", "rows": 10}],
         "heldout": [],
     }
-    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["manifest.json", "train-00000.parquet", "train-00001.parquet"]
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["manifest.json", "train-00000.parquet", "train-00001.parquet", WORD_COUNTS_FILE]
 
 
 # --- held-out split ------------------------------------------------------------------------------
@@ -298,7 +299,7 @@ def test_missing_document_fails_without_leaving_a_directory(tmp_path: Path) -> N
     docs_dir = write_docs(tmp_path / "docs", {"here": "ここにある。\n"})
     with pytest.raises(FileNotFoundError):
         tokenize_corpus(docs_dir, ["here", "gone"], tmp_path / "out" / "tok", TokenizeConfig(), "up")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
 def test_tokenize_key_follows_inputs() -> None:

@@ -46,7 +46,7 @@ def test_download_task_retries_a_flaky_server_then_succeeds(prefect_harness, htt
     http_server.flaky_failures = 2
 
     record = _download_in_a_flow(
-        DownloadConfig(sources=[http_server.url("flaky/merosu.zip")]), tmp_path / "work", parent_run
+        DownloadConfig(sources=[http_server.url("flaky/merosu.zip")], retries=0), tmp_path / "work", parent_run
     )
     assert http_server.requests.count("/flaky/merosu.zip") == 3  # two 503s, then the file
     assert record["counts"]["documents"] == 1
@@ -67,7 +67,7 @@ def test_download_task_retries_a_timeout(prefect_harness, http_server, tmp_path,
 
     with pytest.raises(SourceError, match="timed out"):
         _download_in_a_flow(
-            DownloadConfig(sources=[http_server.url("slow/merosu.zip")], timeout_s=0.3),
+            DownloadConfig(sources=[http_server.url("slow/merosu.zip")], timeout_s=0.3, retries=0),
             tmp_path / "work",
             parent_run,
             task=FAST_RETRIES.with_options(retries=1),

@@ -249,6 +249,31 @@ def test_building_twice_gives_the_identical_vocab(built: Built, tmp_path: Path) 
         assert train_wordpiece(paths, cfg) == train_wordpiece(paths, cfg)
 
 
+def test_vocab_from_word_counts_equals_training_on_the_sentences(built: Built, train_rows, tmp_path: Path) -> None:
+    """The stage feeds the trainer each distinct word repeated its count times; that must
+    give exactly the vocabulary the trainer learns from the sentences themselves."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from mlm_core.vocab import _initial_tokens, count_words
+
+    cfg = VocabConfig()
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=cfg.max_input_chars_per_word))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    paths = shard_paths(built.tokenize_dir, "train", built.shards)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
+        special_tokens=SPECIAL_TOKENS + _initial_tokens(count_words(paths), None), limit_alphabet=0,
+        continuing_subword_prefix=CONTINUATION, show_progress=False,
+    )
+    tok.train_from_iterator((" ".join(r["words"]) for r in train_rows), trainer)
+    from_sentences = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    assert built.tokenizer.vocab == from_sentences
+
+    # an output without word counts (counted from the shards instead) gives the same stage
+    legacy = {k: v for k, v in built.shards.items() if k != "word_counts"}
+    assert build_vocab(built.tokenize_dir, legacy, tmp_path / "v", cfg) == built.manifest
+
+
 def test_rebuilding_into_the_same_directory_replaces_it(built: Built, tmp_path: Path) -> None:
     out = tmp_path / "vocab"
     build_vocab(built.tokenize_dir, built.shards, out, VocabConfig(vocab_size=1200, min_frequency=1))
