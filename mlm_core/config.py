@@ -112,8 +112,8 @@ class TokenizeConfig(_Config):
     dask_address: str | None = Field(
         None,
         description=(
-            "Scheduler address of an existing Dask cluster (e.g. tcp://10.0.0.5:8786); implies dask. Without it "
-            "dask starts a local cluster of `workers` processes. Outputs must be on storage every worker sees."
+            "Scheduler address of an existing Dask cluster (e.g. tcp://10.0.0.5:8786); implies --dask. Without it "
+            "--dask starts a local cluster of --workers processes. Outputs must be on storage every worker sees."
         ),
     )
 
