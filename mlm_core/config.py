@@ -107,7 +107,30 @@ class TrainConfig(_Config):
     seed: int = Field(0, description="Seed for initialisation, data order, masking and dropout.")
     epochs: float = Field(60.0, gt=0, description="Passes over the training sentences (ignored if max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps.")
-    batch_size: int = Field(32, gt=0, description="Sentences per optimiser step.")
+    batch_size: int = Field(
+        32,
+        gt=0,
+        description="Average sentences per micro-batch, used only when tokens_per_batch is not set "
+        "(the token budget is then batch_size x the mean sequence length).",
+    )
+    tokens_per_batch: int | None = Field(
+        None,
+        gt=0,
+        description="Token budget of one micro-batch ([CLS]/[SEP] counted, no padding); sentences are "
+        "packed into rows of max_length. None: batch_size x mean sequence length.",
+    )
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches per optimiser step, across all processes (global batch = "
+        "tokens_per_batch x grad_accum); must be a multiple of the number of processes.",
+    )
+    budget_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Train for this many minutes of wall-clock time instead of epochs/max_steps; "
+        "warm-up and decay follow the elapsed share of the budget.",
+    )
     learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW decoupled weight decay (not on biases/LayerNorm).")
@@ -115,7 +138,7 @@ class TrainConfig(_Config):
     length_group_size: int = Field(
         50,
         ge=1,
-        description="Batch sentences of similar length within groups of this many batches (1: plain shuffle).",
+        description="Unused since training packs sentences (kept so older configs still load).",
     )
 
     # --- masking ----------------------------------------------------------------------
@@ -157,6 +180,12 @@ class EvalConfig(_Config):
         description="Score the held-out split this many times, each with its own fixed mask (more positions, less noise).",
     )
     batch_size: int = Field(64, gt=0, description="Sentences per evaluation batch.")
+    max_sentences: int | None = Field(
+        4000,
+        ge=1,
+        description="Score a fixed, seeded sample of this many held-out sentences when the split is larger "
+        "(each keeps its own fixed mask), so evaluation does not eat a training budget; None: all.",
+    )
     top_k: int = Field(5, ge=1, description="How many predictions fill-mask examples show.")
     fill_mask_examples: list[str] = Field(
         default_factory=lambda: [
@@ -176,3 +205,14 @@ class RuntimeConfig(_Config):
         "auto", description="'auto': bf16 autocast on CUDA, fp32 on CPU."
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default).")
+    compile: bool = Field(False, description="torch.compile the model for training.")
+    prefetch: int = Field(
+        2, ge=0, description="Optimizer steps of batches a background thread prepares ahead (0: none)."
+    )
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="Peak TFLOP/s of one device, the denominator of model FLOPs utilisation (None: a "
+        "table of known GPUs at bf16, or on CPU 0.08 TFLOP/s per torch thread, i.e. 2.5 GHz x 32 "
+        "fp32 FLOPs per cycle for AVX2 with two FMA units).",
+    )
