@@ -35,6 +35,9 @@ _OPTIONS: list[tuple[str, type[BaseModel], str, str, dict]] = [
     ("train", TrainConfig, "epochs", "--epochs", {"type": float}),
     ("train", TrainConfig, "max_steps", "--max-steps", {"type": int}),
     ("train", TrainConfig, "batch_size", "--batch-size", {"type": int}),
+    ("train", TrainConfig, "tokens_per_batch", "--tokens-per-batch", {"type": int}),
+    ("train", TrainConfig, "grad_accum", "--grad-accum", {"type": int}),
+    ("train", TrainConfig, "budget_minutes", "--budget-minutes", {"type": float}),
     ("train", TrainConfig, "learning_rate", "--lr", {"type": float}),
     ("train", TrainConfig, "warmup_ratio", "--warmup-ratio", {"type": float}),
     ("train", TrainConfig, "seed", "--seed", {"type": int}),
@@ -42,10 +45,18 @@ _OPTIONS: list[tuple[str, type[BaseModel], str, str, dict]] = [
     ("train", TrainConfig, "masking", "--masking", {"choices": ["dynamic", "static"]}),
     ("train", TrainConfig, "checkpoint_every", "--checkpoint-every", {"type": int}),
     ("evaluate", EvalConfig, "passes", "--eval-passes", {"type": int}),
+    ("evaluate", EvalConfig, "max_sentences", "--eval-max-sentences", {"type": int}),
     ("evaluate", EvalConfig, "fill_mask_examples", "--example", {"action": "append", "metavar": "TEXT"}),
     ("runtime", RuntimeConfig, "device", "--device", {"choices": ["auto", "cpu", "cuda"]}),
     ("runtime", RuntimeConfig, "precision", "--precision", {"choices": ["auto", "fp32", "bf16"]}),
     ("runtime", RuntimeConfig, "num_threads", "--threads", {"type": int}),
+    ("runtime", RuntimeConfig, "compile", "--compile", {"action": "store_true"}),
+    ("runtime", RuntimeConfig, "prefetch", "--prefetch", {"type": int}),
+    ("runtime", RuntimeConfig, "peak_tflops", "--peak-tflops", {"type": float}),
+    ("runtime", RuntimeConfig, "nproc_per_node", "--nproc-per-node", {"type": int}),
+    ("runtime", RuntimeConfig, "nnodes", "--nnodes", {"type": int}),
+    ("runtime", RuntimeConfig, "rdzv_endpoint", "--rdzv-endpoint", {"metavar": "HOST:PORT"}),
+    ("runtime", RuntimeConfig, "rdzv_id", "--rdzv-id", {}),
 ]
 _SECTIONS = {
     "download": DownloadConfig, "tokenize": TokenizeConfig, "vocab": VocabConfig,
@@ -85,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups: dict[str, argparse._ArgumentGroup] = {}
     for section, cls, field, flag, extra in _OPTIONS:
         group = groups.setdefault(section, p.add_argument_group(cls.__doc__.splitlines()[0].rstrip(".")))
-        if "metavar" not in extra and "choices" not in extra:
+        if "metavar" not in extra and "choices" not in extra and extra.get("action") != "store_true":
             extra = {**extra, "metavar": {int: "N", float: "X"}.get(extra.get("type"), "NAME")}
         group.add_argument(flag, dest=f"{section}.{field}", default=argparse.SUPPRESS, help=_help(cls, field), **extra)
     run = p.add_argument_group("run")

@@ -216,3 +216,23 @@ class RuntimeConfig(_Config):
         "table of known GPUs at bf16, or on CPU 0.08 TFLOP/s per torch thread, i.e. 2.5 GHz x 32 "
         "fp32 FLOPs per cycle for AVX2 with two FMA units).",
     )
+    nproc_per_node: int = Field(
+        1, ge=1, description="Training processes per machine; more than 1 (or nnodes > 1) trains with DDP under torchrun."
+    )
+    nnodes: int = Field(1, ge=1, description="Machines taking part in training (torchrun --nnodes).")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port where the machines of a multi-node run meet (torchrun --rdzv-endpoint)."
+    )
+    rdzv_id: str = Field("melos", description="Rendezvous id shared by the machines of one run (torchrun --rdzv-id).")
+
+    @model_validator(mode="after")
+    def _check_rendezvous(self) -> "RuntimeConfig":
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                f"nnodes={self.nnodes} needs a rendezvous endpoint: pass --rdzv-endpoint HOST:PORT of the first machine"
+            )
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        return self.nproc_per_node > 1 or self.nnodes > 1

@@ -64,7 +64,7 @@ class EncodedCorpus:
 
     def __init__(self, path: Path) -> None:
         meta = read_json(path / "meta.json")
-        self.meta = meta
+        self.path, self.meta = Path(path), meta
         self.offsets = np.load(path / "offsets.npy", mmap_mode="r")
         self.ids = (
             np.memmap(path / "ids.bin", dtype=np.dtype(meta["dtype"]), mode="r")

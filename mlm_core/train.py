@@ -324,6 +324,7 @@ def train_model(
         loader.close()
 
     total_steps = done
+    distributed.check_replicas_equal(model, dist_info)
     model_dir = run_dir / "model"
     if main:
         if last_ckpt is None:  # nothing left to train (resumed at the final step)
