@@ -22,6 +22,7 @@ from mlm_core.vocab import build_vocab, vocab_key
 @dataclass
 class Prepared:
     tokenizer: WordPieceTokenizer
+    tokenizer_path: Path
     train: EncodedCorpus
     heldout: EncodedCorpus
     data_fingerprint: str
@@ -59,5 +60,5 @@ def prepare(aozora: Path, workdir: Path, vocab_size: int, max_length: int = 128)
         corpora[split] = EncodedCorpus(
             encode_shards(shard_paths(tdir, split, shards), tokenizer, workdir / "encoded" / key, max_length, key)
         )
-    return Prepared(tokenizer, corpora["train"], corpora["heldout"],
+    return Prepared(tokenizer, vdir / "vocab.txt", corpora["train"], corpora["heldout"],
                     f"{shards['fingerprint']}-{vocab['fingerprint']}", time.perf_counter() - started)

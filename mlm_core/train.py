@@ -304,6 +304,7 @@ def train_model(
                         "train/loss": loss_value,
                         "train/lr": lr,
                         "train/grad_norm": float(grad_norm),
+                        "train/tokens": n_tokens,
                         "train/tokens_per_s": n_tokens / dt if dt > 0 else 0.0,
                         "train/padding_share": 1.0 - n_tokens / n_slots if n_slots else 0.0,
                         "train/mfu": flops / dt / peak if dt > 0 else 0.0,
