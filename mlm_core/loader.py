@@ -86,25 +86,21 @@ class Prefetcher:
     def _run(self) -> None:
         try:
             for item in self._source:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._put(item):
                     return
-            self._put_final(self._END)
+            self._put(self._END)
         except BaseException as exc:  # handed to the consumer, which raises it
-            self._put_final(exc)
+            self._put(exc)
 
-    def _put_final(self, item) -> None:
+    def _put(self, item) -> bool:
+        """Queue ``item``, waiting for room; False if ``close()`` came first."""
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
-                return
+                return True
             except queue.Full:
                 continue
+        return False
 
     def __iter__(self):
         if self._depth <= 0:
