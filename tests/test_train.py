@@ -320,3 +320,22 @@ def test_evaluation_of_a_sample_scores_the_sampled_sentences_with_their_own_mask
     spec = MaskSpec(rate=0.15, mask_token_prob=1.0, random_token_prob=0.0)
     alone = list(fixed_eval_batches(merosu.heldout, tok, spec, EvalConfig().seed, 1, 1))
     assert part["eval/masked_tokens"] == sum(int((alone[i].labels != -100).sum()) for i in chosen)
+
+
+def test_cli_options_for_fast_and_distributed_training_reach_the_configs():
+    from flows.cli import build_parser, configs_from_args
+
+    ns = build_parser().parse_args([
+        "pretrain", "--tokens-per-batch", "4096", "--grad-accum", "4", "--budget-minutes", "10",
+        "--eval-max-sentences", "3000", "--compile", "--prefetch", "0", "--peak-tflops", "989",
+        "--nproc-per-node", "2", "--nnodes", "2", "--rdzv-endpoint", "10.0.0.1:29500", "--rdzv-id", "job7",
+    ])
+    c = configs_from_args(ns)
+    assert (c["train"].tokens_per_batch, c["train"].grad_accum, c["train"].budget_minutes) == (4096, 4, 10.0)
+    assert c["evaluate"].max_sentences == 3000
+    r = c["runtime"]
+    assert (r.compile, r.prefetch, r.peak_tflops, r.nproc_per_node, r.nnodes) == (True, 0, 989.0, 2, 2)
+    assert (r.rdzv_endpoint, r.rdzv_id, r.distributed) == ("10.0.0.1:29500", "job7", True)
+    assert configs_from_args(build_parser().parse_args(["pretrain"]))["runtime"].compile is False
+    with pytest.raises(ValueError, match="--rdzv-endpoint"):
+        RuntimeConfig(nnodes=2)
