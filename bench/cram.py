@@ -31,7 +31,7 @@ from mlm_core.train import TrainCallback, train_model  # noqa: E402
 
 # Budget-run defaults for a 2-core CPU (see README, "Cramming", for the measurements).
 CRAM = dict(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512, max_length=128, dropout=0.0,
-            tokens_per_batch=2048, learning_rate=2e-3, warmup_ratio=0.06, mask_rate=0.15)
+            tokens_per_batch=2048, learning_rate=2e-3, warmup_ratio=0.06, mask_rate=0.25)
 VOCAB_SIZE = 8000
 
 
