@@ -53,11 +53,13 @@ def save_checkpoint(
     model: BertForMaskedLM,
     tokenizer: WordPieceTokenizer,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     history: list[list[float]],
     meta: dict,
     keep: int,
+    extra: dict | None = None,
 ) -> Path:
+    """``extra`` (plain values) goes into trainer.pt, e.g. the elapsed time of a budget schedule."""
     path = checkpoints_dir / step_dir_name(step)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -65,7 +67,9 @@ def save_checkpoint(
     with atomic_dir(path) as tmp:
         _write_model_files(tmp, model, tokenizer, {**meta, "step": step})
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "history": history}, tmp / TRAINER)
+        state = {"step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": rng,
+                 "history": history, **(extra or {})}
+        torch.save(state, tmp / TRAINER)
     for old in list_checkpoints(checkpoints_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
@@ -97,7 +101,8 @@ def load_training_state(path: Path, model, optimizer, scheduler, device: torch.d
     model.load_state_dict(torch.load(path / MODEL, map_location=device, weights_only=True))
     optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location=device, weights_only=True))
     state = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
-    scheduler.load_state_dict(state["scheduler"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])

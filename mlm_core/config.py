@@ -155,7 +155,30 @@ class TrainConfig(_Config):
     max_steps: int | None = Field(
         None, gt=0, description="Stop after this many optimiser steps, however many epochs that is."
     )
-    batch_size: int = Field(32, gt=0, description="Sentences per optimiser step.")
+    batch_size: int = Field(
+        32,
+        gt=0,
+        description="Average sentences per micro-batch, used only when --tokens-per-batch is not set "
+        "(the token budget is then batch_size x the mean sequence length).",
+    )
+    tokens_per_batch: int | None = Field(
+        None,
+        gt=0,
+        description="Token budget of one micro-batch ([CLS]/[SEP] counted, no padding); sentences are "
+        "packed into rows of max_length. Not set: --batch-size x the mean sequence length.",
+    )
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches per optimiser step, across all processes (global batch = "
+        "tokens_per_batch x grad_accum); must be a multiple of the number of processes.",
+    )
+    budget_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Train for this many minutes of wall-clock time instead of --epochs/--max-steps; "
+        "warm-up and decay follow the elapsed share of the budget.",
+    )
     learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW decoupled weight decay (not on biases/LayerNorm).")
@@ -163,7 +186,7 @@ class TrainConfig(_Config):
     length_group_size: int = Field(
         50,
         ge=1,
-        description="Batch sentences of similar length within groups of this many batches (1: plain shuffle).",
+        description="Unused since training packs sentences (kept so older configs still load).",
     )
 
     # --- masking ----------------------------------------------------------------------
@@ -205,6 +228,12 @@ class EvalConfig(_Config):
         description="Score the held-out split this many times, each with its own fixed mask (more positions, less noise).",
     )
     batch_size: int = Field(64, gt=0, description="Sentences per evaluation batch.")
+    max_sentences: int | None = Field(
+        4000,
+        ge=1,
+        description="Score a fixed, seeded sample of this many held-out sentences when the split is larger "
+        "(each keeps its own fixed mask), so evaluation does not eat a training budget; None: all.",
+    )
     top_k: int = Field(5, ge=1, description="How many predictions fill-mask examples show.")
     fill_mask_examples: list[str] = Field(
         default_factory=lambda: [
@@ -224,3 +253,34 @@ class RuntimeConfig(_Config):
         "auto", description="'auto': bf16 autocast on CUDA, fp32 on CPU."
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default).")
+    compile: bool = Field(False, description="torch.compile the model for training.")
+    prefetch: int = Field(
+        2, ge=0, description="Optimizer steps of batches a background thread prepares ahead (0: none)."
+    )
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="Peak TFLOP/s of one device, the denominator of model FLOPs utilisation (None: a "
+        "table of known GPUs at bf16, or on CPU 0.08 TFLOP/s per torch thread, i.e. 2.5 GHz x 32 "
+        "fp32 FLOPs per cycle for AVX2 with two FMA units).",
+    )
+    nproc_per_node: int = Field(
+        1, ge=1, description="Training processes per machine; more than 1 (or nnodes > 1) trains with DDP under torchrun."
+    )
+    nnodes: int = Field(1, ge=1, description="Machines taking part in training (torchrun --nnodes).")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port where the machines of a multi-node run meet (torchrun --rdzv-endpoint)."
+    )
+    rdzv_id: str = Field("melos", description="Rendezvous id shared by the machines of one run (torchrun --rdzv-id).")
+
+    @model_validator(mode="after")
+    def _check_rendezvous(self) -> "RuntimeConfig":
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                f"nnodes={self.nnodes} needs a rendezvous endpoint: pass --rdzv-endpoint HOST:PORT of the first machine"
+            )
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        return self.nproc_per_node > 1 or self.nnodes > 1

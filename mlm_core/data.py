@@ -64,7 +64,7 @@ class EncodedCorpus:
 
     def __init__(self, path: Path) -> None:
         meta = read_json(path / "meta.json")
-        self.meta = meta
+        self.path, self.meta = Path(path), meta
         self.offsets = np.load(path / "offsets.npy", mmap_mode="r")
         self.ids = (
             np.memmap(path / "ids.bin", dtype=np.dtype(meta["dtype"]), mode="r")
@@ -182,11 +182,27 @@ class BatchPlan:
 
 
 def fixed_eval_batches(
-    corpus: EncodedCorpus, tokenizer: WordPieceTokenizer, spec: MaskSpec, seed: int, batch_size: int, passes: int = 1
+    corpus: EncodedCorpus,
+    tokenizer: WordPieceTokenizer,
+    spec: MaskSpec,
+    seed: int,
+    batch_size: int,
+    passes: int = 1,
+    sentences: np.ndarray | None = None,
 ) -> Iterator[Batch]:
     """Held-out batches in corpus order, ``passes`` times, each pass with its own mask
-    fixed by (seed, pass, sentence)."""
+    fixed by (seed, pass, sentence). ``sentences`` (sorted indices) restricts to a subset;
+    each sentence keeps the mask it has in the full set."""
+    chosen = np.arange(len(corpus)) if sentences is None else np.asarray(sentences)
     for p in range(passes):
-        for start in range(0, len(corpus), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(corpus)))
+        for start in range(0, len(chosen), batch_size):
+            idx = chosen[start : start + batch_size]
             yield collate(corpus, idx, tokenizer, spec, [(seed, p, int(i)) for i in idx])
+
+
+def eval_sample(n: int, max_sentences: int | None, seed: int) -> np.ndarray | None:
+    """Sorted indices of a fixed, seeded sample of ``max_sentences`` of ``n`` (None: all)."""
+    if max_sentences is None or n <= max_sentences:
+        return None
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, 0x5A4D])
+    return np.sort(rng.choice(n, size=max_sentences, replace=False))

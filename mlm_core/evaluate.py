@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import EvalConfig
-from .data import EncodedCorpus, fixed_eval_batches
+from .data import EncodedCorpus, eval_sample, fixed_eval_batches
 from .io import atomic_write_json, atomic_write_text
 from .masking import IGNORE_INDEX, MaskSpec
 from .model import BertForMaskedLM
@@ -49,7 +49,8 @@ def evaluate_heldout(
     baseline_top = torch.from_numpy(np.argsort(-counts, kind="stable")[:5].copy())
     loss_sum = 0.0
     n = top1 = top5 = base1 = base5 = 0
-    for batch in fixed_eval_batches(heldout, tokenizer, spec, cfg.seed, cfg.batch_size, cfg.passes):
+    sample = eval_sample(len(heldout), cfg.max_sentences, cfg.seed)
+    for batch in fixed_eval_batches(heldout, tokenizer, spec, cfg.seed, cfg.batch_size, cfg.passes, sample):
         input_ids = torch.from_numpy(batch.input_ids).to(device)
         attention = torch.from_numpy(batch.attention_mask).to(device)
         labels = torch.from_numpy(batch.labels).to(device)
@@ -74,7 +75,7 @@ def evaluate_heldout(
     loss = loss_sum / n
     return {
         "eval/masked_tokens": n,
-        "eval/sentences": len(heldout),
+        "eval/sentences": len(heldout) if sample is None else len(sample),
         "eval/loss": loss,
         "eval/perplexity": math.exp(min(loss, 50.0)),
         "eval/top1_accuracy": top1 / n,

@@ -79,10 +79,12 @@ class Embeddings(nn.Module):
         self.ln = nn.LayerNorm(H, eps=config.layer_norm_eps)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        T = input_ids.size(1)
-        pos = torch.arange(T, device=input_ids.device)  # (T,)
-        x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(pos)  # (B, T, H)
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if position_ids is None:  # packed rows pass their own, restarting at each sentence
+            position_ids = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
+        x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(position_ids)  # (B, T, H)
         return self.drop(self.ln(x))
 
 
@@ -107,7 +109,7 @@ class SelfAttention(nn.Module):
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=attn_mask,  # (B, 1, 1, T) bool, True = may attend
+            attn_mask=attn_mask,  # (B, 1, 1, T) or (B, 1, T, T) bool, True = may attend
             dropout_p=self.attention_dropout if self.training else 0.0,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, H)  # re-assemble heads: (B, T, H)
@@ -201,8 +203,14 @@ class BertForMaskedLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final hidden states (B, T, H). attention_mask: 1/True = real token, 0 = padding."""
+        """Final hidden states (B, T, H).
+
+        attention_mask: (B, T) with 1/True = real token, 0 = padding; or a ready (B, 1, T, T)
+        bool mask (True = may attend), e.g. block-diagonal for packed sentences, which then
+        pass ``position_ids`` (B, T) restarting at each sentence.
+        """
         B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(
@@ -212,12 +220,14 @@ class BertForMaskedLM(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask
+        elif attention_mask is not None:
             # Mask keys only, broadcast over heads and queries. Padding queries still see the
             # real keys, so no softmax row is ever fully masked (no NaN); their outputs are
             # junk nobody reads, since padding never carries a label.
             mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
         for layer in self.layers:
             x = layer(x, mask)
         return x
@@ -228,9 +238,19 @@ class BertForMaskedLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        masked_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (logits (B, T, V), loss or None). labels: -100 on unscored positions."""
-        logits = self.head(self.encode(input_ids, attention_mask, token_type_ids))  # (B, T, V)
+        """Returns (logits (B, T, V), loss or None). labels: -100 on unscored positions.
+
+        Sparse prediction: with ``masked_positions`` (N,) — flat indices into the (B*T)
+        positions — the head and the vocabulary projection run there only; logits are then
+        (N, V) and ``labels`` are the (N,) targets of those positions.
+        """
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids)  # (B, T, H)
+        if masked_positions is not None:
+            hidden = hidden.flatten(0, 1).index_select(0, masked_positions)  # (N, H)
+        logits = self.head(hidden)  # (B, T, V) or (N, V)
         loss = mlm_loss(logits, labels) if labels is not None else None
         return logits, loss
 

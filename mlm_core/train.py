@@ -1,9 +1,14 @@
-"""Stage 4: the training loop (AdamW, warm-up + linear decay, clipping, checkpoints).
+"""Stage 4: the training loop (packed token-budget batches, sparse MLM loss, AdamW, warm-up +
+linear decay over steps or over a time budget, clipping, gradient accumulation, checkpoints, DDP).
 
 The loop knows nothing about Prefect or MLflow: it reports through a ``TrainCallback``.
-Everything random is a function of the seed — initialisation, batch order (``BatchPlan``),
+Everything random is a function of the seed — initialisation, batch order (``TokenBatchPlan``),
 masks (``masking``), dropout (torch's RNG, saved in checkpoints) — so a run resumed from a
-checkpoint continues exactly as the uninterrupted run would have.
+checkpoint continues exactly as the uninterrupted run would have. With ``budget_minutes`` the
+learning rate follows the elapsed wall-clock share of the budget (saved in checkpoints as
+``elapsed_s``): data, masks and RNG still resume exactly, but the learning rate of each later
+step and the step at which the budget runs out depend on measured time, so a resumed budget
+run is not bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -24,12 +29,18 @@ from .checkpoint import (
     save_checkpoint,
     save_model_dir,
 )
+from . import distributed
 from .config import RuntimeConfig, TrainConfig
-from .data import BatchPlan, EncodedCorpus
+from .data import EncodedCorpus
 from .io import atomic_write_json, fingerprint
+from .loader import Prefetcher, step_batches
 from .masking import MaskSpec
 from .model import BertForMaskedLM, ModelConfig
+from .packing import TokenBatchPlan, block_diagonal_mask, step_model_flops
+from .schedule import budget_lr_factor, lr_factor
 from .tokenizer import WordPieceTokenizer
+
+__all__ = ["TrainCallback", "TrainResult", "lr_factor", "model_config_for", "resolve_device", "train_model"]
 
 
 class TrainCallback:
@@ -56,14 +67,6 @@ class TrainResult:
     tokens_seen: int
     seconds: float
     history: list[list[float]] = field(repr=False, default_factory=list)
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up to 1 over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    remaining = total_steps - warmup_steps
-    return max(0.0, (total_steps - step) / remaining) if remaining > 0 else 1.0
 
 
 def model_config_for(cfg: TrainConfig, vocab_size: int, pad_token_id: int) -> ModelConfig:
@@ -103,6 +106,41 @@ def train_key(cfg: TrainConfig, data_fingerprint: str) -> str:
     return fingerprint("train", data_fingerprint, cfg.fingerprint_fields())
 
 
+def peak_flops(device: torch.device, runtime: RuntimeConfig) -> float:
+    """Peak FLOP/s of one device: the runtime setting, a table of known GPUs (dense bf16),
+    or on CPU 80 GFLOP/s per torch thread (2.5 GHz x 32 fp32 FLOPs per cycle: AVX2, two FMA units)."""
+    if runtime.peak_tflops:
+        return runtime.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L40", 181), ("L4", 121),
+                            ("A10", 125), ("4090", 165), ("3090", 71), ("V100", 125), ("T4", 65)):
+            if key in name:
+                return tflops * 1e12
+        return 100e12
+    return torch.get_num_threads() * 80e9
+
+
+def tokens_per_batch_for(cfg: TrainConfig, corpus: EncodedCorpus) -> int:
+    """The micro-batch token budget: the setting, or batch_size x the mean sequence length."""
+    if cfg.tokens_per_batch is not None:
+        return cfg.tokens_per_batch
+    mean = corpus.num_tokens / max(len(corpus), 1) + 2
+    return max(cfg.max_length, round(cfg.batch_size * mean))
+
+
+def _to_device(batch, device: torch.device) -> dict[str, torch.Tensor]:
+    t = {k: torch.from_numpy(getattr(batch, k)).to(device, non_blocking=True)
+         for k in ("input_ids", "position_ids", "segment_ids", "masked_positions", "masked_labels")}
+    return {
+        "input_ids": t["input_ids"],
+        "attention_mask": block_diagonal_mask(t["segment_ids"]),
+        "position_ids": t["position_ids"],
+        "masked_positions": t["masked_positions"],
+        "labels": t["masked_labels"],
+    }
+
+
 def train_model(
     corpus: EncodedCorpus,
     tokenizer: WordPieceTokenizer,
@@ -114,29 +152,43 @@ def train_model(
     resume: bool = False,
     callback: TrainCallback | None = None,
 ) -> TrainResult:
-    """Train (or resume training) into ``run_dir``: ``checkpoints/step-*/`` and ``model/``."""
-    callback = callback or TrainCallback()
+    """Train (or resume training) into ``run_dir``: ``checkpoints/step-*/`` and ``model/``.
+
+    Under ``torchrun`` every rank calls this; the model is wrapped in DDP, each rank reads its
+    share of every step's micro-batches, and only rank 0 reports, checkpoints and exports.
+    """
     key = train_key(cfg, data_fingerprint)
     if runtime.num_threads:
         torch.set_num_threads(runtime.num_threads)
     device, amp_dtype = resolve_device(runtime)
+    dist_info = distributed.init_from_env(device.type)
     if device.type == "cuda":
+        if dist_info.enabled:
+            device = torch.device("cuda", dist_info.local_rank)
         torch.backends.cuda.matmul.allow_tf32 = True
+    main = dist_info.is_main
+    callback = (callback or TrainCallback()) if main else TrainCallback()
 
     torch.manual_seed(cfg.seed)
     model_cfg = model_config_for(cfg, len(tokenizer), tokenizer.pad_id)
     model = BertForMaskedLM(model_cfg).to(device)
     optimizer = _optimizer(model, cfg, fused=device.type == "cuda")
-    plan = BatchPlan(corpus.lengths, cfg.batch_size, cfg.seed, cfg.length_group_size)
-    total_steps = plan.total_steps(cfg.epochs, cfg.max_steps)
-    warmup_steps = max(1, math.ceil(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
-    meta = {"train": cfg.model_dump(), "fingerprint": key, "total_steps": total_steps}
+    tpb = tokens_per_batch_for(cfg, corpus)
+    plan = TokenBatchPlan(corpus.lengths, tpb, cfg.seed)
+    budget_s = cfg.budget_minutes * 60.0 if cfg.budget_minutes else None
+    if budget_s is None:
+        total_steps: int | None = cfg.max_steps or max(1, math.ceil(plan.total_micro_batches(cfg.epochs) / cfg.grad_accum))
+        warmup_steps = max(1, math.ceil(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
+    else:
+        total_steps, warmup_steps = cfg.max_steps, 0  # the budget ends the run (max_steps caps it)
+    meta = {"train": cfg.model_dump(), "fingerprint": key, "total_steps": total_steps, "tokens_per_batch": tpb}
 
     checkpoints_dir = run_dir / "checkpoints"
-    start_step, history, resumed_from = 0, [], None
+    start_step, history, resumed_from, elapsed0 = 0, [], None, 0.0
     if resume:
-        remove_partial(checkpoints_dir)
+        if main:
+            remove_partial(checkpoints_dir)
+        distributed.barrier(dist_info)
         ckpt = latest_checkpoint(checkpoints_dir)
         if ckpt is None:
             raise FileNotFoundError(f"resume requested but {checkpoints_dir} holds no checkpoint")
@@ -146,87 +198,149 @@ def train_model(
                 f"checkpoint {ckpt} was trained with other data or settings (fingerprint {found}, "
                 f"these settings give {key}); resume with the settings of that run or start a fresh one"
             )
-        state = load_training_state(ckpt, model, optimizer, scheduler, device)
+        state = load_training_state(ckpt, model, optimizer, None, device)
         start_step, history, resumed_from = int(state["step"]), [list(h) for h in state["history"]], int(state["step"])
+        elapsed0 = float(state.get("elapsed_s", 0.0))
         callback.on_history([list(h) for h in history])
-    else:
+    elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "run.json", {**meta, "status": "running", "start_step": start_step})
+    if main:
+        atomic_write_json(run_dir / "run.json", {**meta, "status": "running", "start_step": start_step})
 
     spec = MaskSpec(cfg.mask_rate, cfg.mask_token_prob, cfg.random_token_prob)
+    encoder_params = sum(p.numel() for p in model.layers.parameters())
+    peak = peak_flops(device, runtime) * dist_info.world
     callback.on_start(
         {
             "parameters": model.num_parameters(),
             "parameters_without_embeddings": model.num_parameters(exclude_embeddings=True),
             "train_sequences": len(corpus),
             "train_tokens": corpus.num_tokens,
-            "steps_per_epoch": plan.steps_per_epoch,
-            "total_steps": total_steps,
+            "micro_batches_per_epoch": plan.batches_in_epoch(0),
+            "total_steps": total_steps if total_steps is not None else "budget",
+            "budget_minutes": cfg.budget_minutes,
             "warmup_steps": warmup_steps,
             "start_step": start_step,
             "device": str(device),
             "autocast": str(amp_dtype) if amp_dtype else "none",
-            "tokens_per_step": corpus.num_tokens / max(len(corpus), 1) * cfg.batch_size,
+            "processes": dist_info.world,
+            "tokens_per_batch": tpb,
+            "tokens_per_step": tpb * cfg.grad_accum,
+            "compile": runtime.compile,
+            "peak_flops": peak,
         }
+    )
+
+    train_module: torch.nn.Module = model
+    if dist_info.enabled:
+        train_module = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    forward = torch.compile(train_module, dynamic=True) if runtime.compile else train_module
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
+    )
+    loader = Prefetcher(
+        step_batches(
+            plan, corpus, tokenizer, spec, max_length=cfg.max_length, grad_accum=cfg.grad_accum,
+            start_step=start_step, stop_step=total_steps, static_masking=cfg.masking == "static",
+            rank=dist_info.rank, world=dist_info.world,
+        ),
+        runtime.prefetch,
     )
 
     model.train()
     started = time.perf_counter()
-    tokens_seen = 0
+    tokens_seen, done = 0, start_step
     loss_value = float("nan")
     last_ckpt = latest_checkpoint(checkpoints_dir) if resume else None
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
-    )
-    for step, epoch, batch in plan.iter_batches(
-        corpus, tokenizer, spec, start_step, total_steps, static_masking=cfg.masking == "static"
-    ):
-        t0 = time.perf_counter()
-        input_ids = torch.from_numpy(batch.input_ids).to(device, non_blocking=True)
-        attention = torch.from_numpy(batch.attention_mask).to(device, non_blocking=True)
-        labels = torch.from_numpy(batch.labels).to(device, non_blocking=True)
-        with autocast():
-            _, loss = model(input_ids, attention_mask=attention, labels=labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        loss_value = float(loss.detach())
-        dt = time.perf_counter() - t0
-        tokens_seen += batch.n_tokens
-        done = step + 1
-        history.append([done, loss_value, lr])
-        if done % cfg.log_every == 0 or done == total_steps:
-            callback.on_log(
-                done,
-                {
-                    "train/loss": loss_value,
-                    "train/lr": lr,
-                    "train/grad_norm": float(grad_norm),
-                    "train/tokens_per_s": batch.n_tokens / dt if dt > 0 else 0.0,
-                    "train/masked_tokens": int((batch.labels != -100).sum()),
-                    "train/epoch": epoch + (step % plan.steps_per_epoch + 1) / plan.steps_per_epoch,
-                },
-            )
-        if done % cfg.checkpoint_every == 0 or done == total_steps:
-            last_ckpt = save_checkpoint(
-                checkpoints_dir, done, model, tokenizer, optimizer, scheduler, history, meta, cfg.keep_checkpoints
-            )
-            callback.on_checkpoint(done, last_ckpt)
+    t_prev = started
+    try:
+        for sb in loader:
+            flops = sum(step_model_flops(b, encoder_params, cfg.num_layers, cfg.hidden_size, len(tokenizer))
+                        for b in sb.micro)
+            # one all-reduce per step: counts for the loss normaliser and the metrics, and rank 0's
+            # clock, so that every rank follows the same budget schedule and stops at the same step
+            local = [sum(len(b.masked_positions) for b in sb.micro), sum(b.n_tokens for b in sb.micro),
+                     sum(b.n_slots for b in sb.micro), flops,
+                     elapsed0 + time.perf_counter() - started if main else 0.0]
+            n_masked, n_tokens, n_slots, flops, elapsed = distributed.all_sum(local, device, dist_info)
+            if budget_s is not None:
+                factor = budget_lr_factor(elapsed / budget_s, cfg.warmup_ratio)
+            else:
+                factor = lr_factor(sb.step, total_steps, warmup_steps)
+            lr = cfg.learning_rate * factor
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-    if last_ckpt is None:  # nothing left to train (resumed at the final step)
-        raise ValueError(f"no checkpoint in {checkpoints_dir} after training")
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=device)
+            for j, batch in enumerate(sb.micro):
+                inputs = _to_device(batch, device)
+                n = len(batch.masked_positions)
+                sync = not dist_info.enabled or j == len(sb.micro) - 1
+                with (contextlib.nullcontext() if sync else train_module.no_sync()), autocast():
+                    _, loss = forward(**inputs)
+                    # mean over the step's masked tokens on all ranks; DDP averages gradients over ranks
+                    weight = n / max(n_masked, 1.0) * dist_info.world
+                    (loss * weight).backward()
+                loss_sum += loss.detach().float() * n
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            loss_value = distributed.all_sum([float(loss_sum)], device, dist_info)[0] / max(n_masked, 1.0)
+            now = time.perf_counter()
+            dt, t_prev = now - t_prev, now
+            tokens_seen += int(n_tokens)
+            done = sb.step + 1
+            history.append([done, loss_value, lr])
+            elapsed_now = elapsed0 + now - started
+            out_of_budget = budget_s is not None and distributed.all_sum(
+                [float(elapsed_now >= budget_s) if main else 0.0], device, dist_info)[0] > 0
+            finished = out_of_budget or done == total_steps
+            if done % cfg.log_every == 0 or finished:
+                callback.on_log(
+                    done,
+                    {
+                        "train/loss": loss_value,
+                        "train/lr": lr,
+                        "train/grad_norm": float(grad_norm),
+                        "train/tokens": n_tokens,
+                        "train/tokens_per_s": n_tokens / dt if dt > 0 else 0.0,
+                        "train/padding_share": 1.0 - n_tokens / n_slots if n_slots else 0.0,
+                        "train/mfu": flops / dt / peak if dt > 0 else 0.0,
+                        "train/masked_tokens": int(n_masked),
+                        "train/epoch": sb.epoch,
+                        **({"train/budget_used": min(1.0, elapsed_now / budget_s)} if budget_s else {}),
+                    },
+                )
+            if main and (done % cfg.checkpoint_every == 0 or finished):
+                last_ckpt = save_checkpoint(
+                    checkpoints_dir, done, model, tokenizer, optimizer, None, history, meta, cfg.keep_checkpoints,
+                    extra={"elapsed_s": elapsed_now},
+                )
+                callback.on_checkpoint(done, last_ckpt)
+            if out_of_budget:
+                break
+    finally:
+        loader.close()
+
+    total_steps = done
+    distributed.check_replicas_equal(model, dist_info)
     model_dir = run_dir / "model"
-    save_model_dir(model_dir, model, tokenizer, {**meta, "step": total_steps})
+    if main:
+        if last_ckpt is None:  # nothing left to train (resumed at the final step)
+            raise ValueError(f"no checkpoint in {checkpoints_dir} after training")
+        save_model_dir(model_dir, model, tokenizer, {**meta, "step": total_steps})
+        atomic_write_json(
+            run_dir / "run.json", {**meta, "status": "completed", "start_step": start_step, "steps": total_steps}
+        )
+    distributed.barrier(dist_info)
     seconds = time.perf_counter() - started
-    atomic_write_json(run_dir / "run.json", {**meta, "status": "completed", "start_step": start_step, "steps": total_steps})
     final_loss = history[-1][1] if history else loss_value
     return TrainResult(
         run_dir=run_dir,
         model_dir=model_dir,
-        last_checkpoint=last_ckpt,
+        last_checkpoint=last_ckpt or latest_checkpoint(checkpoints_dir),
         steps=total_steps,
         resumed_from_step=resumed_from,
         final_loss=final_loss,

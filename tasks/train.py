@@ -6,16 +6,21 @@ checkpoint (same settings -> same run directory), which a blind retry could not 
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from mlm_core.config import RuntimeConfig, TrainConfig
 from mlm_core.data import EncodedCorpus, encode_key, encode_shards
-from mlm_core.io import fingerprint, read_json
+from mlm_core.io import atomic_write_json, fingerprint, read_json
 from mlm_core.shards import shard_paths
 from mlm_core.tokenizer import WordPieceTokenizer
 from mlm_core.train import TrainCallback, train_key, train_model
@@ -26,9 +31,8 @@ from .tracking import StageRun, stage_run
 
 
 def load_tokenizer(vocab: dict) -> WordPieceTokenizer:
-    cfg = read_json(Path(vocab["dir"]) / MANIFEST)["config"]
     return WordPieceTokenizer.from_file(
-        Path(vocab["dir"]) / VOCAB_FILE, max_input_chars_per_word=cfg["max_input_chars_per_word"]
+        Path(vocab["dir"]) / VOCAB_FILE, max_input_chars_per_word=tokenizer_setting(vocab)
     )
 
 
@@ -41,40 +45,48 @@ def encoded_split(shards: dict, vocab: dict, tokenizer: WordPieceTokenizer, spli
 
 
 class MlflowProgress(TrainCallback):
-    """Streams the loop's metrics into the stage's MLflow run and the Prefect log."""
+    """Streams the loop's metrics into the stage's MLflow run (if any) and a log."""
 
-    def __init__(self, run: StageRun, logger) -> None:
+    def __init__(self, run: StageRun | None, logger) -> None:
         self.run, self.logger = run, logger
         self.total = 1
         self.every = 1
 
     def on_start(self, info: dict) -> None:
         self.total = info["total_steps"]
-        self.every = max(1, self.total // 10)
-        self.run.log_params(info, "run")
+        self.every = max(1, self.total // 10) if isinstance(self.total, int) else 50
+        if self.run:
+            self.run.log_params(info, "run")
         self.logger.info(
             "training %s parameters (%s without embeddings) on %s sequences / %s tokens, "
-            "%s steps from step %s, ~%.0f tokens per step, device %s, autocast %s",
+            "%s steps from step %s, %d tokens per step, device %s x %d process(es), autocast %s, "
+            "peak %.3g TFLOP/s in all",
             f"{info['parameters']:,}", f"{info['parameters_without_embeddings']:,}", info["train_sequences"],
             info["train_tokens"], info["total_steps"], info["start_step"], info["tokens_per_step"],
-            info["device"], info["autocast"],
+            info["device"], info["processes"], info["autocast"], info["peak_flops"] / 1e12,
         )
 
     def on_history(self, history: list[list[float]]) -> None:
         # a resumed run shows the whole loss curve, not only the part after the restart
+        if not self.run:
+            return
         for step, loss, lr in history:
             self.run.log_metrics({"train/loss": loss, "train/lr": lr}, step=int(step), flush=False)
         self.run.flush()
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log_metrics(metrics, step=step, flush=False)
+        if self.run:
+            self.run.log_metrics(metrics, step=step, flush=False)
         if step % self.every == 0 or step == self.total:
             self.logger.info(
-                "step %d/%d loss %.4f lr %.2e %.0f tokens/s", step, self.total,
+                "step %d/%s loss %.4f lr %.2e %.0f tokens/s padding %.1f%% MFU %.1f%%", step, self.total,
                 metrics["train/loss"], metrics["train/lr"], metrics["train/tokens_per_s"],
+                100 * metrics["train/padding_share"], 100 * metrics["train/mfu"],
             )
 
     def on_checkpoint(self, step: int, path: Path) -> None:
+        if not self.run:
+            return
         self.run.flush()
         self.run.set_tags({"melos.last_checkpoint": str(path), "melos.last_checkpoint_step": step})
 
@@ -108,6 +120,55 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
     return aside
 
 
+_EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]: )?((?:[\w.]+\.)?\w*(?:Error|Exception)\b.*)$")
+
+
+def tokenizer_setting(vocab: dict) -> int:
+    return read_json(Path(vocab["dir"]) / MANIFEST)["config"]["max_input_chars_per_word"]
+
+
+def torchrun_command(runtime: RuntimeConfig, spec_path: Path) -> list[str]:
+    """``torchrun`` (as ``python -m torch.distributed.run``) running the training worker."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(runtime.nproc_per_node),
+           "--nnodes", str(runtime.nnodes)]
+    if runtime.nnodes > 1:
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", runtime.rdzv_endpoint, "--rdzv-id", runtime.rdzv_id]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "tasks.train_worker", str(spec_path)]
+
+
+def run_torchrun(spec: dict, runtime: RuntimeConfig, run_dir: Path, logger) -> SimpleNamespace:
+    """Train under ``torchrun``, streaming its output into ``logger``; a failure raises.
+
+    The worker spec is written next to the run (``launch.json``): on a multi-node run the other
+    machines start the same worker on it (see README, "Several GPUs and machines").
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec_path, result_path = run_dir / "launch.json", run_dir / "result.json"
+    result_path.unlink(missing_ok=True)
+    atomic_write_json(spec_path, {**spec, "result": str(result_path)})
+    cmd = torchrun_command(runtime, spec_path)
+    logger.info("starting %s", " ".join(cmd))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1]) as proc:
+        errors: list[str] = []  # the workers' exception lines, once each, for the task's error
+        for line in proc.stdout:
+            line = line.rstrip()
+            logger.info("%s", line)
+            found = _EXCEPTION_LINE.search(line)
+            if found and found.group(1) not in errors and not found.group(1).startswith("torch.distributed.elastic"):
+                errors.append(found.group(1))
+        rc = proc.wait()
+    if rc != 0 or not result_path.is_file():
+        raise RuntimeError(
+            f"distributed training failed (torchrun exit code {rc}): " + ("; ".join(errors[-3:]) or "see the log above")
+        )
+    out = read_json(result_path)
+    return SimpleNamespace(**{**out, "model_dir": Path(out["model_dir"]), "last_checkpoint": Path(out["last_checkpoint"])})
+
+
 @task(name="train", cache_policy=NO_CACHE, persist_result=False)
 def train_stage(
     shards: dict, vocab: dict, cfg: TrainConfig, runtime: RuntimeConfig, workdir: str, parent_run_id: str,
@@ -128,10 +189,19 @@ def train_stage(
     with stage_run(parent_run_id, "train", {"melos.key": key, "melos.resume": str(resume).lower()}) as run:
         run.log_params(cfg.model_dump(), "train")
         run.log_params(runtime.model_dump(), "runtime")
-        result = train_model(
-            corpus, tokenizer, cfg, runtime, run_dir, data_fingerprint=data_fp, resume=resume,
-            callback=MlflowProgress(run, logger),
-        )
+        if runtime.distributed:
+            result = run_torchrun(
+                {"corpus_dir": str(corpus.path), "vocab_file": str(Path(vocab["dir"]) / VOCAB_FILE),
+                 "max_input_chars_per_word": tokenizer_setting(vocab), "train": cfg.model_dump(),
+                 "runtime": runtime.model_dump(), "run_dir": str(run_dir), "data_fingerprint": data_fp,
+                 "resume": resume, "mlflow_run_id": run.run_id},
+                runtime, run_dir, logger,
+            )
+        else:
+            result = train_model(
+                corpus, tokenizer, cfg, runtime, run_dir, data_fingerprint=data_fp, resume=resume,
+                callback=MlflowProgress(run, logger),
+            )
         summary = {
             "train/final_loss": result.final_loss,
             "train/steps": result.steps,

@@ -261,3 +261,81 @@ def test_evaluation_equals_a_full_logits_computation(merosu, tmp_path):
     assert metrics["eval/masked_tokens"] == n
     assert metrics["eval/loss"] == pytest.approx(total / n, rel=1e-5)
     assert metrics["eval/top1_accuracy"] == pytest.approx(top1 / n)
+
+
+def test_steps_log_padding_share_and_mfu_and_accumulate_micro_batches(merosu, tmp_path):
+    cfg = TrainConfig(**{**TINY, "tokens_per_batch": 256, "grad_accum": 3}, max_steps=4)
+    rec = Recorder()
+    result = train_model(merosu.train, merosu.tokenizer, cfg, CPU, tmp_path / "m",
+                         data_fingerprint=merosu.data_fingerprint, callback=rec)
+    assert rec.info["tokens_per_step"] == 768 and rec.info["processes"] == 1
+    for _, m in rec.logged:
+        assert 0.0 <= m["train/padding_share"] < 0.5  # packed rows: little padding
+        assert 0.0 < m["train/mfu"] < 1.0
+        assert m["train/masked_tokens"] > 0
+    # three micro-batches of at most 256 tokens each per step: more than two budgets' worth
+    assert 2 * 256 < result.tokens_seen / 4 <= 3 * 256
+
+
+def test_budget_run_stops_on_time_and_saves_the_schedule_position(merosu, tmp_path):
+    cfg = TrainConfig(**TINY, budget_minutes=0.05, warmup_ratio=0.2)  # 3 seconds
+    rec = Recorder()
+    result = train_model(merosu.train, merosu.tokenizer, cfg, CPU, tmp_path / "b",
+                         data_fingerprint=merosu.data_fingerprint, callback=rec)
+    lrs = [m["train/lr"] for _, m in rec.logged]
+    used = [m["train/budget_used"] for _, m in rec.logged]
+    assert result.steps == len(lrs) > 3 and used[-1] == 1.0 and used == sorted(used)
+    peak = lrs.index(max(lrs))
+    assert 0 < peak < len(lrs) - 1 and lrs[-1] < 0.5 * max(lrs) and max(lrs) <= cfg.learning_rate
+    state = torch.load(latest_checkpoint(tmp_path / "b" / "checkpoints") / TRAINER, weights_only=True)
+    assert state["elapsed_s"] >= 3.0 and state["step"] == result.steps
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["steps"] == result.steps
+
+    # resuming a spent budget continues from the saved position: one more step at most, at lr ~0
+    again = Recorder()
+    train_model(merosu.train, merosu.tokenizer, cfg, CPU, tmp_path / "b", data_fingerprint=merosu.data_fingerprint,
+                resume=True, callback=again)
+    assert [s for s, _ in again.logged] == [result.steps + 1]
+    assert again.logged[0][1]["train/lr"] == 0.0
+
+
+def test_evaluation_of_a_sample_scores_the_sampled_sentences_with_their_own_masks(merosu, tmp_path):
+    from mlm_core.data import eval_sample
+
+    cfg = TrainConfig(**TINY, max_steps=2)
+    result = train_model(merosu.train, merosu.tokenizer, cfg, CPU, tmp_path / "s", data_fingerprint=merosu.data_fingerprint)
+    model, tok = load_pretrained(result.model_dir)
+    counts = unigram_counts(merosu.train, len(tok))
+    full = evaluate_heldout(model, tok, merosu.heldout, counts, EvalConfig(passes=1))
+    assert full["eval/sentences"] == len(merosu.heldout)  # the default sample is larger: all, as before
+    assert full == evaluate_heldout(model, tok, merosu.heldout, counts, EvalConfig(passes=1, max_sentences=None))
+    k = len(merosu.heldout) // 2
+    part = evaluate_heldout(model, tok, merosu.heldout, counts, EvalConfig(passes=1, max_sentences=k))
+    assert part["eval/sentences"] == k and 0 < part["eval/masked_tokens"] < full["eval/masked_tokens"]
+    # the sampled sentences keep the masks they have in the full evaluation
+    from mlm_core.data import fixed_eval_batches
+    from mlm_core.masking import MaskSpec
+
+    chosen = eval_sample(len(merosu.heldout), k, EvalConfig().seed)
+    spec = MaskSpec(rate=0.15, mask_token_prob=1.0, random_token_prob=0.0)
+    alone = list(fixed_eval_batches(merosu.heldout, tok, spec, EvalConfig().seed, 1, 1))
+    assert part["eval/masked_tokens"] == sum(int((alone[i].labels != -100).sum()) for i in chosen)
+
+
+def test_cli_options_for_fast_and_distributed_training_reach_the_configs():
+    from flows.cli import build_parser, configs_from_args
+
+    ns = build_parser().parse_args([
+        "pretrain", "--tokens-per-batch", "4096", "--grad-accum", "4", "--budget-minutes", "10",
+        "--eval-max-sentences", "3000", "--compile", "--prefetch", "0", "--peak-tflops", "989",
+        "--nproc-per-node", "2", "--nnodes", "2", "--rdzv-endpoint", "10.0.0.1:29500", "--rdzv-id", "job7",
+    ])
+    c = configs_from_args(ns)
+    assert (c["train"].tokens_per_batch, c["train"].grad_accum, c["train"].budget_minutes) == (4096, 4, 10.0)
+    assert c["evaluate"].max_sentences == 3000
+    r = c["runtime"]
+    assert (r.compile, r.prefetch, r.peak_tflops, r.nproc_per_node, r.nnodes) == (True, 0, 989.0, 2, 2)
+    assert (r.rdzv_endpoint, r.rdzv_id, r.distributed) == ("10.0.0.1:29500", "job7", True)
+    assert configs_from_args(build_parser().parse_args(["pretrain"]))["runtime"].compile is False
+    with pytest.raises(ValueError, match="--rdzv-endpoint"):
+        RuntimeConfig(nnodes=2)
