@@ -162,7 +162,7 @@ def test_fill_mask_cli_reads_the_registry(runs, mlflow_server):
         (["fill-mask", "メロスは激怒した。", "--model", f"models:/{NAME}/1"], "no [MASK] in"),
         (["fill-mask", "メロスは" * 40 + "[MASK]", "--model", f"models:/{NAME}/1"], "this model reads at most 62"),
         (["export", "--run", "0123456789abcdef0123456789abcdef", "--format", "hf", "OUT"],
-         "is neither a directory nor a run"),
+         "is not a directory, and no run"),
     ],
 )
 def test_bad_input_is_one_clear_line(runs, mlflow_server, tmp_path, args, message, capsys):
