@@ -28,6 +28,8 @@ os.environ.update(
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "PREFECT_LOGGING_TO_API_ENABLED": "false",
+        # Prefect's 20 s default is too short for a temporary server on a busy 2-core machine.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         # the stores Melos remembers go to a temporary file, not the user's ~/.config/melos
         "MELOS_CONFIG_DIR": str(_SESSION_HOME / "melos-config"),
     }
