@@ -10,7 +10,14 @@ from prefect.cache_policies import NO_CACHE
 
 from mlm_core.checkpoint import load_pretrained
 from mlm_core.config import EvalConfig, RuntimeConfig
-from mlm_core.evaluate import evaluate_heldout, fill_mask, render_markdown, unigram_counts, write_report
+from mlm_core.evaluate import (
+    class_unigram_counts,
+    evaluate_heldout,
+    fill_mask,
+    render_markdown,
+    unigram_counts,
+    write_report,
+)
 from mlm_core.tokenizer import MecabWords
 from mlm_core.train import resolve_device
 
@@ -32,7 +39,10 @@ def evaluate_stage(
     heldout = encoded_split(shards, vocab, tokenizer, "heldout", max_length, workdir)
     with stage_run(parent_run_id, "evaluate") as run:
         run.log_params(cfg.model_dump(), "evaluate")
-        metrics = evaluate_heldout(model, tokenizer, heldout, unigram_counts(train_corpus, len(tokenizer)), cfg, device)
+        metrics = evaluate_heldout(
+            model, tokenizer, heldout, unigram_counts(train_corpus, len(tokenizer)), cfg, device,
+            train_class_counts=class_unigram_counts(train_corpus, len(tokenizer)),
+        )
         mecab = MecabWords()
         examples = [
             {"text": text, "predictions": fill_mask(model, tokenizer, text, cfg.top_k, mecab, device)}
