@@ -224,10 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--run", required=True,
                    help="'latest', an MLflow run id (a pretrain run or its train stage run), or a model directory")
     _add_config_options(v, ("download", "tokenize", "evaluate", "runtime"))
-    v.add_argument("--workdir", default="melos-work", help="directory for stage outputs (default: melos-work)")
-    v.add_argument("--experiment", default="melos", help="MLflow experiment name (default: melos)")
-    v.add_argument("--json", action="store_true", help="print the metrics as JSON (eval/... names)")
-    v.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
+    _add_run_options(v, "melos", "print the metrics as JSON (eval/... names)")
 
     c = _command(
         sub, "compare", "compare training settings over seeds on one prepared dataset (table + plots in MLflow)",
@@ -250,10 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fan the runs out as flow runs of this deployment of the compare-setting flow "
                    "(default: run them one after another here)")
     _add_config_options(c, _SECTIONS)
-    c.add_argument("--workdir", default="melos-work", help="directory for all stage outputs (default: melos-work)")
-    c.add_argument("--experiment", default="melos-compare", help="MLflow experiment name (default: melos-compare)")
-    c.add_argument("--json", action="store_true", help="print the result rows as JSON")
-    c.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
+    _add_run_options(c, "melos-compare", "print the result rows as JSON")
 
     e = _command(
         sub, "export", "write a trained model in Hugging Face format (with a model card)",
@@ -283,6 +277,14 @@ def _add_config_options(p: argparse.ArgumentParser, sections) -> None:
         group.add_argument(
             flag, dest=f"{section}.{field}", default=argparse.SUPPRESS, help=_help(cls, field, extra), **extra
         )
+
+
+def _add_run_options(p: argparse.ArgumentParser, experiment: str, json_help: str) -> None:
+    """--workdir, --experiment, --json and --tracking-uri of a command that runs a flow."""
+    p.add_argument("--workdir", default="melos-work", help="directory for stage outputs (default: melos-work)")
+    p.add_argument("--experiment", default=experiment, help=f"MLflow experiment name (default: {experiment})")
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
 
 
 def _positive_int(text: str) -> int:

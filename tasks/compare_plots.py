@@ -19,6 +19,16 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, path: Path, title: str, ylabel: str, legend_size: int = 8) -> Path:
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def loss_curves(results: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Training loss against step, one line per run, one colour per setting."""
     plt = _pyplot()
@@ -31,13 +41,7 @@ def loss_curves(results: Sequence[Mapping[str, Any]], path: Path) -> Path:
         ax.plot(steps, losses, color=colour, alpha=0.8, linewidth=1,
                 label=r["label"] if r["label"] not in ax.get_legend_handles_labels()[1] else None)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (masked tokens)")
-    ax.set_title("Training loss per setting (one line per seed)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, "Training loss per setting (one line per seed)", "training loss (masked tokens)")
 
 
 def accuracy_bars(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
@@ -55,13 +59,8 @@ def accuracy_bars(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     base = rows[0]["eval/unigram_top1_accuracy"] if rows else 0.0
     ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="unigram baseline (token mask)")
     ax.set_xticks(list(x), [r["setting"] for r in rows], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("held-out top-1 accuracy")
-    ax.set_title("Held-out accuracy per setting (mean ± spread over seeds)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, "Held-out accuracy per setting (mean ± spread over seeds)",
+                   "held-out top-1 accuracy")
 
 
 def pos_bars(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
@@ -74,10 +73,4 @@ def pos_bars(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
         ax.bar([i + j * width for i in range(len(classes))], [r[f"eval/pos/{c}/top1_accuracy"] for c in classes],
                width, label=r["setting"])
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(classes))], classes, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("held-out top-1 accuracy")
-    ax.set_title("Accuracy per part of speech (mean over seeds)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, "Accuracy per part of speech (mean over seeds)", "held-out top-1 accuracy", 7)
