@@ -182,3 +182,23 @@ def test_encoded_parts_of_speech_follow_the_shard_words(merosu, tmp_path) -> Non
         assert starts.sum() == len(words)
         assert per_word.tolist() == [pos_class(t) for t in tags]
     assert pos_class("名詞-普通名詞") == POS_CLASSES.index("名詞") and POS_CLASSES[pos_class("未知語")] == "その他"
+
+
+def test_masking_flags_map_onto_the_train_config_and_runs_table_shows_schedules() -> None:
+    from flows.cli import build_parser, configs_from_args
+    from flows.runs import format_table
+
+    ns = build_parser().parse_args(
+        ["pretrain", "--mask-rate", "0.3:0.15:cosine", "--whole-word", "--mask-token-prob", "0.9",
+         "--random-token-prob", "0.05", "--eval-pll-sentences", "7"]
+    )
+    cfg = configs_from_args(ns)
+    assert cfg["train"].mask_rate == "0.3:0.15:cosine" and cfg["train"].whole_word is True
+    assert (cfg["train"].mask_token_prob, cfg["train"].random_token_prob) == (0.9, 0.05)
+    assert cfg["evaluate"].pll_sentences == 7
+    assert configs_from_args(build_parser().parse_args(["pretrain"]))["train"].whole_word is False
+    row = {"run_id": "r", "name": "n", "started": "s", "status": "FINISHED", "corpus": [], "layers": 2,
+           "hidden_size": 64, "masking": "dynamic", "mask_rate": "0.3:0.15:linear", "top1": None, "top5": None,
+           "unigram_top1": None, "unigram_top5": None, "wall_s": None}
+    assert "dynamic 0.3:0.15:linear" in format_table([row])
+    assert "dynamic 15%" in format_table([{**row, "mask_rate": 0.15}])
