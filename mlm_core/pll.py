@@ -49,9 +49,10 @@ def pseudo_log_likelihood(
             word_l2r_queries(ids, corpus.word_starts(int(i)), tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id)
         ).to(device)
         n = len(ids)
+        query = torch.arange(n, device=rows.device)
         hidden = model.encode(rows)  # (n, n + 2, H)
-        logits = model.head(hidden[torch.arange(n), torch.arange(n) + 1]).float()  # (n, V)
-        logp = logits.log_softmax(-1)[torch.arange(n), torch.from_numpy(ids).to(device)]
+        logits = model.head(hidden[query, query + 1]).float()  # (n, V): each row's own masked token
+        logp = logits.log_softmax(-1)[query, torch.from_numpy(ids).to(rows.device)]
         total += float(logp.sum())
         n_tokens += n
     if n_tokens == 0:
