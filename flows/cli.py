@@ -232,14 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds times with the same seeds, the same steps and the same evaluation masks. Each run is an MLflow "
         "child run of one comparison run, which gets a table (Markdown and CSV) and PNG plots; the table, mean ± "
         "spread over seeds, is printed at the end. Every `melos pretrain` option sets what all runs share.",
-        ["melos compare --grid mask_rate=0.15,0.3,0.4 --seeds 3 --max-steps 300",
-         "melos compare --grid mask_rate=0.3:0.15:linear,0.15 --grid masking=static,dynamic --max-steps 200",
-         "melos compare --grid whole_word=false,true --source aozora:author=35 --max-steps 500",
+        ["melos compare --grid mask-rate=0.15,0.3,0.4 --seeds 3 --max-steps 300",
+         "melos compare --grid mask-rate=0.3:0.15:linear,0.15 --grid masking=static,dynamic --max-steps 200",
+         "melos compare --grid whole-word=false,true --source aozora:author=35 --max-steps 500",
          "melos compare --grid-file grid.yaml --seeds 2 --deployment compare-setting/melos-compare"],
     )
     c.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
-                   help="a training setting (TrainConfig field name, e.g. mask_rate, masking, whole_word) and the "
-                   "values to try; repeatable: every combination is a setting")
+                   help="a training setting, named as its option without the dashes (mask-rate, masking, "
+                   "whole-word, hidden-size, ...; --layers is num-layers) or as its TrainConfig field, and the values "
+                   "to try; repeatable: every combination is a setting")
     c.add_argument("--grid-file", metavar="YAML", help="a YAML mapping FIELD: [V1, V2, ...] (instead of or with --grid)")
     c.add_argument("--seeds", type=_positive_int, default=1, metavar="N",
                    help="runs per setting, seeds --seed, --seed + 1, ... (default: 1)")
