@@ -52,11 +52,15 @@ _OPTIONS: list[tuple[str, type[BaseModel], str, str, dict]] = [
     ("train", TrainConfig, "learning_rate", "--lr", {"type": float}),
     ("train", TrainConfig, "warmup_ratio", "--warmup-ratio", {"type": float}),
     ("train", TrainConfig, "seed", "--seed", {"type": int}),
-    ("train", TrainConfig, "mask_rate", "--mask-rate", {"type": float}),
+    ("train", TrainConfig, "mask_rate", "--mask-rate", {"metavar": "RATE|START:END:KIND"}),
     ("train", TrainConfig, "masking", "--masking", {"choices": ["dynamic", "static"]}),
+    ("train", TrainConfig, "whole_word", "--whole-word", {"action": "store_true"}),
+    ("train", TrainConfig, "mask_token_prob", "--mask-token-prob", {"type": float}),
+    ("train", TrainConfig, "random_token_prob", "--random-token-prob", {"type": float}),
     ("train", TrainConfig, "checkpoint_every", "--checkpoint-every", {"type": int}),
     ("evaluate", EvalConfig, "passes", "--eval-passes", {"type": int}),
     ("evaluate", EvalConfig, "max_sentences", "--eval-max-sentences", {"type": int}),
+    ("evaluate", EvalConfig, "pll_sentences", "--eval-pll-sentences", {"type": int}),
     ("evaluate", EvalConfig, "fill_mask_examples", "--example", {"action": "append", "metavar": "TEXT"}),
     ("runtime", RuntimeConfig, "device", "--device", {"choices": ["auto", "cpu", "cuda"]}),
     ("runtime", RuntimeConfig, "precision", "--precision", {"choices": ["auto", "fp32", "bf16"]}),
@@ -148,15 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  melos pretrain --resume            # continue an interrupted run with the same settings",
         formatter_class=_HelpFormatter,
     )
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for section, cls, field, flag, extra in _OPTIONS:
-        heading = _HEADINGS.get(section) or cls.__doc__.splitlines()[0].rstrip(".")
-        group = groups.setdefault(section, p.add_argument_group(heading))
-        if "metavar" not in extra and "choices" not in extra and extra.get("action") != "store_true":
-            extra = {**extra, "metavar": {int: "N", float: "X"}.get(extra.get("type"), "NAME")}
-        group.add_argument(
-            flag, dest=f"{section}.{field}", default=argparse.SUPPRESS, help=_help(cls, field, extra), **extra
-        )
+    _add_config_options(p, _SECTIONS)
     run = p.add_argument_group("run")
     run.add_argument("--workdir", default="melos-work", help="directory for all stage outputs (default: melos-work)")
     run.add_argument("--experiment", default="melos", help="MLflow experiment name (default: melos)")
@@ -214,6 +210,46 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--prefect-port", type=int, default=4200, metavar="N", help="Prefect UI port (default: 4200)")
     u.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
 
+    v = _command(
+        sub, "evaluate", "score a trained model on any corpus (logged as its own MLflow run)",
+        "Run the download and tokenize stages on the corpus given by --source (cached like any other run), "
+        "encode all its sentences with the model's own vocabulary, and score the model with the fixed "
+        "evaluation masks: masked-token and whole-word accuracy, pseudo-perplexity, accuracy per part of "
+        "speech. The unigram baselines are fitted on that corpus. The metrics go to a new MLflow run tagged "
+        "melos.model_run_id with the model's run, under the eval/... names `melos pretrain` logs.",
+        ["melos evaluate --run latest --source aozora:author=879",
+         "melos evaluate --run <run id> --source other_author.zip --json",
+         "melos evaluate --run melos-work/train/<key>/model --source my_novel.txt --eval-pll-sentences 200"],
+    )
+    v.add_argument("--run", required=True,
+                   help="'latest', an MLflow run id (a pretrain run or its train stage run), or a model directory")
+    _add_config_options(v, ("download", "tokenize", "evaluate", "runtime"))
+    _add_run_options(v, "melos", "print the metrics as JSON (eval/... names)")
+
+    c = _command(
+        sub, "compare", "compare training settings over seeds on one prepared dataset (table + plots in MLflow)",
+        "Prepare the data once (cached), then train and evaluate every combination of the --grid values, each "
+        "--seeds times with the same seeds, the same steps and the same evaluation masks. Each run is an MLflow "
+        "child run of one comparison run, which gets a table (Markdown and CSV) and PNG plots; the table, mean ± "
+        "spread over seeds, is printed at the end. Every `melos pretrain` option sets what all runs share.",
+        ["melos compare --grid mask-rate=0.15,0.3,0.4 --seeds 3 --max-steps 300",
+         "melos compare --grid mask-rate=0.3:0.15:linear,0.15 --grid masking=static,dynamic --max-steps 200",
+         "melos compare --grid whole-word=false,true --source aozora:author=35 --max-steps 500",
+         "melos compare --grid-file grid.yaml --seeds 2 --deployment compare-setting/melos-compare"],
+    )
+    c.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
+                   help="a training setting, named as its option without the dashes (mask-rate, masking, "
+                   "whole-word, hidden-size, ...; --layers is num-layers) or as its TrainConfig field, and the values "
+                   "to try; repeatable: every combination is a setting")
+    c.add_argument("--grid-file", metavar="YAML", help="a YAML mapping FIELD: [V1, V2, ...] (instead of or with --grid)")
+    c.add_argument("--seeds", type=_positive_int, default=1, metavar="N",
+                   help="runs per setting, seeds --seed, --seed + 1, ... (default: 1)")
+    c.add_argument("--deployment", metavar="FLOW/NAME",
+                   help="fan the runs out as flow runs of this deployment of the compare-setting flow "
+                   "(default: run them one after another here)")
+    _add_config_options(c, _SECTIONS)
+    _add_run_options(c, "melos-compare", "print the result rows as JSON")
+
     e = _command(
         sub, "export", "write a trained model in Hugging Face format (with a model card)",
         "Write config.json, model.safetensors, vocab.txt, tokenizer settings and a model card README.md to "
@@ -227,6 +263,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["hf"], required=True, help="export format: hf (Hugging Face transformers)")
     e.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
     return parser
+
+
+def _add_config_options(p: argparse.ArgumentParser, sections) -> None:
+    """The ``_OPTIONS`` of the given config sections, one argument group per section."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for section, cls, field, flag, extra in _OPTIONS:
+        if section not in sections:
+            continue
+        heading = _HEADINGS.get(section) or cls.__doc__.splitlines()[0].rstrip(".")
+        group = groups.setdefault(section, p.add_argument_group(heading))
+        if "metavar" not in extra and "choices" not in extra and extra.get("action") != "store_true":
+            extra = {**extra, "metavar": {int: "N", float: "X"}.get(extra.get("type"), "NAME")}
+        group.add_argument(
+            flag, dest=f"{section}.{field}", default=argparse.SUPPRESS, help=_help(cls, field, extra), **extra
+        )
+
+
+def _add_run_options(p: argparse.ArgumentParser, experiment: str, json_help: str) -> None:
+    """--workdir, --experiment, --json and --tracking-uri of a command that runs a flow."""
+    p.add_argument("--workdir", default="melos-work", help="directory for stage outputs (default: melos-work)")
+    p.add_argument("--experiment", default=experiment, help=f"MLflow experiment name (default: {experiment})")
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
 
 
 def _positive_int(text: str) -> int:
@@ -399,6 +458,109 @@ def melos_executable() -> str:
     return str(exe) if exe.is_file() else f"{sys.executable} -m flows.cli"
 
 
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    try:
+        configs = configs_from_args(ns)
+    except ValidationError as exc:
+        raise SystemExit(f"melos: invalid option: {exc}") from None
+    evaluate = configs["evaluate"]
+    if "evaluate.max_sentences" not in vars(ns):  # all of the corpus unless a sample is asked for
+        evaluate = evaluate.model_copy(update={"max_sentences": None})
+    from mlm_core.download import SourceError, check_sources
+
+    try:
+        check_sources(configs["download"])
+    except SourceError as exc:
+        raise SystemExit(f"melos: {exc}") from None
+    model_run_id = None
+    if Path(ns.run).is_dir():
+        model_dir = Path(ns.run).resolve()
+        if ns.tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = ns.tracking_uri
+    else:
+        from flows.runs import RunNotFound, resolve_run
+
+        try:
+            store, found = resolve_run(ns.run, ns.tracking_uri)
+        except RunNotFound as exc:
+            raise SystemExit(f"melos: {ns.run!r} is not a directory, and {exc}") from None
+        model_run_id = found.info.run_id
+        os.environ["MLFLOW_TRACKING_URI"] = store  # the evaluation is logged next to the model's run
+        model_dir = resolve_model_dir(model_run_id, Path(ns.workdir).resolve() / "models" / model_run_id, store)
+    from flows.evaluate_corpus import evaluate_corpus
+
+    try:
+        result = evaluate_corpus(
+            model_dir=str(model_dir), model_run_id=model_run_id, download=configs["download"],
+            tokenize=configs["tokenize"], evaluate=evaluate, runtime=configs["runtime"], workdir=ns.workdir,
+            experiment=ns.experiment,
+        )
+    except (SourceError, ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"melos: {exc}") from None
+    if ns.json:
+        print(json.dumps(result["metrics"], ensure_ascii=False, indent=2))
+        return 0
+    m = result["metrics"]
+    print(f"MLflow run:  {result['mlflow_run_id']} (model run {model_run_id or model_dir})")
+    print(f"report:      {result['report']}")
+    for key in sorted(k for k in m if not k.startswith("eval/pos/")):
+        print(f"{key:32s} {m[key]:.4f}" if isinstance(m[key], float) else f"{key:32s} {m[key]}")
+    return 0
+
+
+def grid_from_args(ns: argparse.Namespace) -> dict[str, list]:
+    """--grid-file first, then --grid options (a --grid FIELD replaces the file's)."""
+    from mlm_core.grid import check_grid, parse_grid_arg
+
+    grid: dict[str, list] = {}
+    if ns.grid_file:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(ns.grid_file).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"--grid-file {ns.grid_file}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--grid-file {ns.grid_file}: expected a mapping FIELD: [V1, V2], got {type(loaded).__name__}")
+        grid.update({str(k): v if isinstance(v, list) else [v] for k, v in loaded.items()})
+    for text in ns.grid:
+        field, values = parse_grid_arg(text)
+        grid[field] = values
+    return check_grid(grid)
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from mlm_core.grid import setting_configs
+
+    try:
+        configs = configs_from_args(ns)
+        grid = grid_from_args(ns)
+        setting_configs(configs["train"], grid, ns.seeds)  # every setting valid before anything starts
+    except ValidationError as exc:
+        raise SystemExit(f"melos: invalid option: {exc}") from None
+    except ValueError as exc:
+        raise SystemExit(f"melos: {exc}") from None
+    if ns.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = ns.tracking_uri
+    from mlm_core.download import SourceError, check_sources
+
+    try:
+        check_sources(configs["download"])
+    except SourceError as exc:
+        raise SystemExit(f"melos: {exc}") from None
+    from flows.compare import compare
+
+    result = compare(grid=grid, seeds=ns.seeds, **configs, workdir=ns.workdir, experiment=ns.experiment,
+                     deployment=ns.deployment)
+    if ns.json:
+        print(json.dumps({"mlflow_run_id": result["mlflow_run_id"], "rows": result["rows"]}, ensure_ascii=False, indent=2))
+        return 0
+    print()
+    print(result["markdown"])
+    print(f"MLflow comparison run: {result['mlflow_run_id']} (table and plots under its comparison/ artifacts)")
+    return 0
+
+
 def cmd_runs(ns: argparse.Namespace) -> int:
     from flows.runs import format_table, list_runs
 
@@ -435,6 +597,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_ui(ns)
     if ns.command == "export":
         return cmd_export(ns)
+    if ns.command == "evaluate":
+        return cmd_evaluate(ns)
+    if ns.command == "compare":
+        return cmd_compare(ns)
     return cmd_fill_mask(ns)
 
 

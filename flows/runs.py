@@ -163,7 +163,7 @@ def run_row(run, experiment: str, store: str) -> dict:
         "hidden_size": _int(p.get("train.hidden_size")),
         "heads": _int(p.get("train.num_heads")),
         "masking": p.get("train.masking"),
-        "mask_rate": _float(p.get("train.mask_rate")),
+        "mask_rate": _rate(p.get("train.mask_rate")),
         "top1": m.get("eval/top1_accuracy"),
         "top5": m.get("eval/top5_accuracy"),
         "unigram_top1": m.get("eval/unigram_top1_accuracy"),
@@ -179,6 +179,18 @@ def _float(value: str | None) -> float | None:
     return float(value) if value not in (None, "", "null") else None
 
 
+def _rate(value: str | None) -> float | str | None:
+    """A constant mask rate as a float; a schedule (``0.3:0.15:linear``) as its text."""
+    try:
+        return _float(value)
+    except ValueError:
+        return value
+
+
+def _rate_text(rate: float | str) -> str:
+    return f"{rate:.0%}" if isinstance(rate, float) else str(rate)
+
+
 def format_table(rows: list[dict]) -> str:
     header = ["RUN ID", "NAME", "STARTED", "STATUS", "CORPUS", "MODEL", "MASKING", "TOP-1 (UNIGRAM)",
               "TOP-5 (UNIGRAM)", "WALL"]
@@ -186,7 +198,7 @@ def format_table(rows: list[dict]) -> str:
         [
             r["run_id"], r["name"] or "", r["started"], r["status"], ", ".join(r["corpus"]) or "-",
             f"{r['layers']}L x {r['hidden_size']}" if r["layers"] and r["hidden_size"] else "-",
-            f"{r['masking']} {r['mask_rate']:.0%}" if r["masking"] and r["mask_rate"] is not None else "-",
+            f"{r['masking']} {_rate_text(r['mask_rate'])}" if r["masking"] and r["mask_rate"] is not None else "-",
             _vs(r["top1"], r["unigram_top1"]), _vs(r["top5"], r["unigram_top5"]), _duration(r["wall_s"]),
         ]
         for r in rows

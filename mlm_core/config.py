@@ -190,7 +190,16 @@ class TrainConfig(_Config):
     )
 
     # --- masking ----------------------------------------------------------------------
-    mask_rate: float = Field(0.15, gt=0.0, lt=1.0, description="Share of maskable tokens selected for prediction.")
+    mask_rate: float | str = Field(
+        0.15,
+        description="Share of maskable tokens selected for prediction: a constant such as 0.15, or a schedule "
+        "over training steps: START:END:linear (e.g. 0.3:0.15:linear), START:END:cosine, or R1,R2,...:step "
+        "(equal parts of training).",
+    )
+    whole_word: bool = Field(
+        False,
+        description="Mask whole MeCab words (all their subwords together); the rate still counts tokens.",
+    )
     mask_token_prob: float = Field(0.8, ge=0.0, le=1.0, description="Selected tokens replaced by [MASK].")
     random_token_prob: float = Field(0.1, ge=0.0, le=1.0, description="Selected tokens replaced by a random token.")
     masking: Literal["dynamic", "static"] = Field(
@@ -203,8 +212,20 @@ class TrainConfig(_Config):
     keep_checkpoints: int = Field(2, ge=1, description="How many step checkpoints to keep.")
     log_every: int = Field(1, gt=0, description="Log loss / lr / tokens-per-second every N steps.")
 
+    @field_validator("mask_rate")
+    @classmethod
+    def _mask_rate(cls, value: float | str) -> float | str:
+        from .mask_schedule import normalise_rate
+
+        return normalise_rate(value)
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
+        if isinstance(self.mask_rate, str) and self.budget_minutes and not self.max_steps:
+            raise ValueError(
+                f"mask rate schedule {self.mask_rate!r} needs a known number of steps: add --max-steps to "
+                "--budget-minutes, or use a constant --mask-rate"
+            )
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
@@ -233,6 +254,12 @@ class EvalConfig(_Config):
         ge=1,
         description="Score a fixed, seeded sample of this many held-out sentences when the split is larger "
         "(each keeps its own fixed mask), so evaluation does not eat a training budget; None: all.",
+    )
+    pll_sentences: int = Field(
+        64,
+        ge=0,
+        description="Pseudo-perplexity (each token masked in turn, with the later pieces of its word) on a fixed, "
+        "seeded sample of this many held-out sentences; 0: skip.",
     )
     top_k: int = Field(5, ge=1, description="How many predictions fill-mask examples show.")
     fill_mask_examples: list[str] = Field(

@@ -7,6 +7,11 @@ which makes the batch order a pure function of ``(seed, epoch)`` and resuming ex
 
 A sentence longer than ``max_length - 2`` subwords is cut into consecutive windows rather
 than truncated, so no text is silently dropped.
+
+Next to the ids, ``starts.bin`` holds one uint8 per token: 1 at the first subword of each
+MeCab word (and at the start of every window), 0 on ``##`` continuations of the same word
+(whole-word masking reads it); ``pos.bin`` holds the coarse UniDic part of speech of the
+token's word as an index into ``POS_CLASSES`` (per-class evaluation reads it).
 """
 
 from __future__ import annotations
@@ -24,7 +29,19 @@ from .masking import MaskSpec, mask_batch
 from .shards import iter_rows
 from .tokenizer import WordPieceTokenizer
 
-ENCODE_VERSION = 1
+ENCODE_VERSION = 2  # 2: word-start flags and part of speech next to the ids
+
+# UniDic's first POS level, fixed so that class ids mean the same in every encoded corpus.
+POS_CLASSES = (
+    "名詞", "代名詞", "形状詞", "連体詞", "副詞", "接続詞", "感動詞", "動詞", "形容詞", "助動詞",
+    "助詞", "接頭辞", "接尾辞", "記号", "補助記号", "空白", "その他",
+)
+_POS_INDEX = {p: i for i, p in enumerate(POS_CLASSES)}
+
+
+def pos_class(pos: str) -> int:
+    """Index in ``POS_CLASSES`` of a shard POS tag such as ``名詞-普通名詞`` (unknown: その他)."""
+    return _POS_INDEX.get(pos.split("-", 1)[0], len(POS_CLASSES) - 1)
 
 
 def encode_key(shards_fingerprint: str, vocab_fingerprint: str, split: str, max_length: int) -> str:
@@ -40,14 +57,23 @@ def encode_shards(paths: list[Path], tokenizer: WordPieceTokenizer, out_dir: Pat
     n_tokens = 0
     offsets = array("q", [0])  # 8 bytes a sequence, not a Python int object each
     with atomic_dir(out_dir) as tmp:
-        with open(tmp / "ids.bin", "wb") as fh:
-            for batch in iter_rows(paths, ["words"]):
-                for ids in tokenizer.encode_words_batch(batch.column(0).to_pylist()):
+        with open(tmp / "ids.bin", "wb") as fh, open(tmp / "starts.bin", "wb") as fs, open(tmp / "pos.bin", "wb") as fp:
+            for batch in iter_rows(paths, ["words", "pos"]):
+                encoded = tokenizer.encode_words_with_word_ids(batch.column(0).to_pylist())
+                for (ids, word_ids), tags in zip(encoded, batch.column(1).to_pylist()):
+                    word_ids = np.asarray(word_ids, dtype=np.int64)
+                    starts = np.ones(len(ids), dtype=np.uint8)
+                    starts[1:] = word_ids[1:] != word_ids[:-1]
+                    classes = np.asarray([pos_class(t) for t in tags], dtype=np.uint8)[word_ids]
                     for start in range(0, max(len(ids), 1), window):
                         piece = ids[start : start + window]
                         if not piece:
                             continue
+                        flags = starts[start : start + window].copy()
+                        flags[0] = 1  # a window opens a word even mid-word
                         fh.write(np.asarray(piece, dtype=dtype).tobytes())
+                        fs.write(flags.tobytes())
+                        fp.write(classes[start : start + window].tobytes())
                         n_tokens += len(piece)
                         offsets.append(n_tokens)
         np.save(tmp / "offsets.npy", np.frombuffer(offsets, dtype=np.int64))
@@ -71,12 +97,24 @@ class EncodedCorpus:
             if meta["tokens"]
             else np.zeros(0, dtype=np.dtype(meta["dtype"]))
         )
+        self.starts, self.pos = (
+            np.memmap(path / name, dtype=np.uint8, mode="r") if meta["tokens"] and (path / name).exists() else None
+            for name in ("starts.bin", "pos.bin")
+        )
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    def word_starts(self, i: int) -> np.ndarray:
+        """bool per token of sequence ``i``: True at a word's first subword."""
+        if self.starts is None:
+            raise ValueError(
+                f"{self.path} was encoded without word boundaries (an older Melos); delete it and run again to re-encode"
+            )
+        return self.starts[self.offsets[i] : self.offsets[i + 1]].astype(bool)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -93,6 +131,48 @@ class Batch:
     attention_mask: np.ndarray  # (B, T) bool
     labels: np.ndarray  # (B, T) int64, -100 where not scored
     n_tokens: int  # real (non-padding) tokens
+    indices: np.ndarray | None = None  # the corpus sentences of the rows
+
+
+def frame_rows(
+    corpus: EncodedCorpus, indices: np.ndarray, tokenizer: WordPieceTokenizer, with_starts: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(B, T) ``[CLS] ids [SEP]`` rows padded to the longest, and (when asked) the word-start
+    flags laid out the same way ([CLS], [SEP] and padding count as starts)."""
+    rows = [corpus[int(i)] for i in indices]
+    T = max(len(r) for r in rows) + 2
+    ids = np.full((len(rows), T), tokenizer.pad_id, dtype=np.int64)
+    starts = np.ones((len(rows), T), dtype=bool) if with_starts else None
+    for b, (i, r) in enumerate(zip(indices, rows)):
+        ids[b, 0] = tokenizer.cls_id
+        ids[b, 1 : len(r) + 1] = r
+        ids[b, len(r) + 1] = tokenizer.sep_id
+        if starts is not None:
+            starts[b, 1 : len(r) + 1] = corpus.word_starts(int(i))
+    return ids, starts
+
+
+def framed_pos(corpus: EncodedCorpus, indices: np.ndarray, width: int) -> np.ndarray:
+    """(B, width) ``POS_CLASSES`` index of each framed token (-1 on [CLS], [SEP], padding)."""
+    if corpus.pos is None:
+        raise ValueError(f"{corpus.path} was encoded without parts of speech (an older Melos); delete it to re-encode")
+    out = np.full((len(indices), width), -1, dtype=np.int64)
+    for b, i in enumerate(indices):
+        tags = corpus.pos[corpus.offsets[int(i)] : corpus.offsets[int(i) + 1]]
+        out[b, 1 : len(tags) + 1] = tags
+    return out
+
+
+def mask_rows(
+    ids: np.ndarray, starts: np.ndarray | None, tokenizer: WordPieceTokenizer, spec: MaskSpec,
+    row_keys: list[tuple[int, ...]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """``mask_batch`` over framed rows: specials and padding are never masked."""
+    return mask_batch(
+        ids, ids >= tokenizer.num_special, row_keys, spec,
+        mask_id=tokenizer.mask_id, vocab_size=len(tokenizer), first_regular_id=tokenizer.num_special,
+        word_starts=starts,
+    )
 
 
 def collate(
@@ -103,20 +183,10 @@ def collate(
     row_keys: list[tuple[int, ...]],
 ) -> Batch:
     """[CLS] ids [SEP] per row, padded to the longest row, then masked."""
-    rows = [corpus[int(i)] for i in indices]
-    T = max(len(r) for r in rows) + 2
-    ids = np.full((len(rows), T), tokenizer.pad_id, dtype=np.int64)
-    for b, r in enumerate(rows):
-        ids[b, 0] = tokenizer.cls_id
-        ids[b, 1 : len(r) + 1] = r
-        ids[b, len(r) + 1] = tokenizer.sep_id
+    ids, starts = frame_rows(corpus, indices, tokenizer, spec.whole_word)
     attention = ids != tokenizer.pad_id
-    maskable = ids >= tokenizer.num_special
-    masked, labels = mask_batch(
-        ids, maskable, row_keys, spec,
-        mask_id=tokenizer.mask_id, vocab_size=len(tokenizer), first_regular_id=tokenizer.num_special,
-    )
-    return Batch(masked, attention, labels, int(attention.sum()))
+    masked, labels = mask_rows(ids, starts, tokenizer, spec, row_keys)
+    return Batch(masked, attention, labels, int(attention.sum()), np.asarray(indices))
 
 
 class BatchPlan:

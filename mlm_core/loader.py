@@ -18,7 +18,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import dataclasses
+
 from .data import EncodedCorpus
+from .mask_schedule import RateSchedule
 from .masking import MaskSpec
 from .packing import PackedBatch, TokenBatchPlan, collate_packed
 from .tokenizer import WordPieceTokenizer
@@ -44,8 +47,12 @@ def step_batches(
     static_masking: bool,
     rank: int = 0,
     world: int = 1,
+    rate_schedule: RateSchedule | None = None,
 ) -> Iterator[StepBatches]:
-    """This rank's micro-batches for steps ``start_step .. stop_step - 1`` (forever if None)."""
+    """This rank's micro-batches for steps ``start_step .. stop_step - 1`` (forever if None).
+
+    With a ``rate_schedule`` the mask rate of step s is the schedule's rate at s / stop_step,
+    a pure function of the step, so resumed runs mask as the uninterrupted run did."""
     if grad_accum % world:
         raise ValueError(
             f"grad_accum ({grad_accum}) must be a multiple of the number of processes ({world}); "
@@ -56,6 +63,8 @@ def step_batches(
     while stop_step is None or step < stop_step:
         first = step * grad_accum + rank * per
         micro = []
+        if rate_schedule is not None and not rate_schedule.constant:
+            spec = dataclasses.replace(spec, rate=rate_schedule.rate_for_step(step, stop_step))
         for m in range(first, first + per):
             epoch, idx = plan.indices(m)
             keys = [(plan.seed, int(i)) if static_masking else (plan.seed, int(i), epoch) for i in idx]

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import EncodedCorpus
-from .masking import IGNORE_INDEX, MaskSpec, mask_batch
+from .data import EncodedCorpus, frame_rows, mask_rows
+from .masking import IGNORE_INDEX, MaskSpec
 from .tokenizer import WordPieceTokenizer
 
 
@@ -136,16 +136,9 @@ def collate_packed(
     max_length: int,
 ) -> PackedBatch:
     """Mask each sentence on its own (exactly as ``data.collate`` would), then pack."""
-    sents = [corpus[int(i)] for i in indices]
-    T = max(len(s) for s in sents) + 2
-    ids = np.full((len(sents), T), tokenizer.pad_id, dtype=np.int64)
-    for b, s in enumerate(sents):
-        ids[b, 0], ids[b, 1 : len(s) + 1], ids[b, len(s) + 1] = tokenizer.cls_id, s, tokenizer.sep_id
-    masked, labels = mask_batch(
-        ids, ids >= tokenizer.num_special, row_keys, spec,
-        mask_id=tokenizer.mask_id, vocab_size=len(tokenizer), first_regular_id=tokenizer.num_special,
-    )
-    costs = [len(s) + 2 for s in sents]
+    ids, starts = frame_rows(corpus, indices, tokenizer, spec.whole_word)
+    masked, labels = mask_rows(ids, starts, tokenizer, spec, row_keys)
+    costs = [len(corpus[int(i)]) + 2 for i in indices]
     rows = pack_rows(costs, max_length)
     width = max(sum(costs[i] for i in row) for row in rows)
     R = len(rows)

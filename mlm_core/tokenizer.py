@@ -123,6 +123,15 @@ class WordPieceTokenizer:
         )
         return [e.ids for e in encodings]
 
+    def encode_words_with_word_ids(self, batch: Sequence[Sequence[str]]) -> list[tuple[list[int], list[int]]]:
+        """Per list of MeCab words: (subword ids, index of the word each subword belongs to)."""
+        if not batch:
+            return []
+        encodings = self._tok.encode_batch(
+            [list(words) for words in batch], is_pretokenized=True, add_special_tokens=False
+        )
+        return [(e.ids, list(e.word_ids)) for e in encodings]
+
     def words_unknown(self, words: Sequence[str]) -> list[bool]:
         """Per word: does it end up as [UNK]?"""
         encodings = self._tok.encode_batch([[w] for w in words], is_pretokenized=True, add_special_tokens=False)

@@ -34,6 +34,7 @@ from .config import RuntimeConfig, TrainConfig
 from .data import EncodedCorpus
 from .io import atomic_write_json, fingerprint
 from .loader import Prefetcher, step_batches
+from .mask_schedule import parse_rate
 from .masking import MaskSpec
 from .model import BertForMaskedLM, ModelConfig
 from .packing import TokenBatchPlan, block_diagonal_mask, step_model_flops
@@ -207,7 +208,8 @@ def train_model(
     if main:
         atomic_write_json(run_dir / "run.json", {**meta, "status": "running", "start_step": start_step})
 
-    spec = MaskSpec(cfg.mask_rate, cfg.mask_token_prob, cfg.random_token_prob)
+    schedule = parse_rate(cfg.mask_rate)
+    spec = MaskSpec(schedule.at(0.0), cfg.mask_token_prob, cfg.random_token_prob, whole_word=cfg.whole_word)
     encoder_params = sum(p.numel() for p in model.layers.parameters())
     peak = peak_flops(device, runtime) * dist_info.world
     callback.on_start(
@@ -244,7 +246,7 @@ def train_model(
         step_batches(
             plan, corpus, tokenizer, spec, max_length=cfg.max_length, grad_accum=cfg.grad_accum,
             start_step=start_step, stop_step=total_steps, static_masking=cfg.masking == "static",
-            rank=dist_info.rank, world=dist_info.world,
+            rank=dist_info.rank, world=dist_info.world, rate_schedule=schedule,
         ),
         runtime.prefetch,
     )

@@ -10,7 +10,14 @@ from prefect.cache_policies import NO_CACHE
 
 from mlm_core.checkpoint import load_pretrained
 from mlm_core.config import EvalConfig, RuntimeConfig
-from mlm_core.evaluate import evaluate_heldout, fill_mask, render_markdown, unigram_counts, write_report
+from mlm_core.evaluate import (
+    class_unigram_counts,
+    evaluate_heldout,
+    fill_mask,
+    render_markdown,
+    unigram_counts,
+    write_report,
+)
 from mlm_core.tokenizer import MecabWords
 from mlm_core.train import resolve_device
 
@@ -32,7 +39,10 @@ def evaluate_stage(
     heldout = encoded_split(shards, vocab, tokenizer, "heldout", max_length, workdir)
     with stage_run(parent_run_id, "evaluate") as run:
         run.log_params(cfg.model_dump(), "evaluate")
-        metrics = evaluate_heldout(model, tokenizer, heldout, unigram_counts(train_corpus, len(tokenizer)), cfg, device)
+        metrics = evaluate_heldout(
+            model, tokenizer, heldout, unigram_counts(train_corpus, len(tokenizer)), cfg, device,
+            train_class_counts=class_unigram_counts(train_corpus, len(tokenizer)),
+        )
         mecab = MecabWords()
         examples = [
             {"text": text, "predictions": fill_mask(model, tokenizer, text, cfg.top_k, mecab, device)}
@@ -77,3 +87,47 @@ def evaluate_stage(
         "report": str(md_path),
         "mlflow_run_id": run.run_id,
     }
+
+
+@task(name="score-corpus", cache_policy=NO_CACHE, persist_result=False)
+def score_corpus(shards: dict, model_dir: str, cfg: EvalConfig, runtime: RuntimeConfig, workdir: str,
+                 parent_run_id: str) -> dict:
+    """A trained model's metrics on every sentence of a tokenized corpus (both splits), with
+    the model's own vocabulary; logged to ``parent_run_id`` and written as a report."""
+    from mlm_core.data import EncodedCorpus, encode_key, encode_shards
+    from mlm_core.io import fingerprint, read_json
+    from mlm_core.shards import shard_paths
+    from mlm_core.vocab import VOCAB_FILE
+
+    from .common import MANIFEST
+
+    logger = get_run_logger()
+    device, _ = resolve_device(runtime)
+    model, tokenizer = load_pretrained(model_dir, device)
+    max_length = model.config.max_position_embeddings
+    vocab_fp = fingerprint("model-vocab", (Path(model_dir) / VOCAB_FILE).read_text(encoding="utf-8"))
+    manifest = read_json(Path(shards["dir"]) / MANIFEST)
+    paths = [p for split in ("train", "heldout") for p in shard_paths(Path(shards["dir"]), split, manifest)]
+    key = encode_key(shards["fingerprint"], vocab_fp, "all", max_length)
+    corpus = EncodedCorpus(encode_shards(paths, tokenizer, Path(workdir) / "encoded" / key, max_length, key))
+    metrics = evaluate_heldout(
+        model, tokenizer, corpus, unigram_counts(corpus, len(tokenizer)), cfg, device,
+        train_class_counts=class_unigram_counts(corpus, len(tokenizer)),
+    )
+    context = {
+        "MLflow run": parent_run_id,
+        "model": model_dir,
+        "corpus": f"{len(corpus)} sequences / {corpus.num_tokens} tokens (both splits of {shards['dir']})",
+        "unigram baselines": "fitted on the evaluated corpus itself",
+        "eval mask": (f"{cfg.mask_rate:.0%} of tokens, all replaced by [MASK], seed {cfg.seed}, "
+                      f"{cfg.passes} pass(es) with distinct fixed masks"),
+    }
+    out_dir = Path(workdir) / "evaluations" / parent_run_id
+    json_path, md_path = write_report(out_dir, metrics, [], context)
+    run = StageRun(parent_run_id)
+    run.log_metrics(metrics)
+    run.log_artifact(json_path)
+    run.log_artifact(md_path)
+    logger.info("top-1 %.4f (unigram %.4f) on %d masked tokens", metrics["eval/top1_accuracy"],
+                metrics["eval/unigram_top1_accuracy"], metrics["eval/masked_tokens"])
+    return {"metrics": metrics, "report": str(md_path)}

@@ -63,7 +63,7 @@ def test_encoded_ids_are_the_tokenizer_ids(prep: Prepared, tmp_path: Path) -> No
     assert corpus.num_tokens == sum(map(len, expected))
     np.testing.assert_array_equal(corpus.lengths, [len(ids) for ids in expected])
     assert corpus.lengths.sum() == corpus.num_tokens
-    assert sorted(p.name for p in out.iterdir()) == ["ids.bin", "meta.json", "offsets.npy"]
+    assert sorted(p.name for p in out.iterdir()) == ["ids.bin", "meta.json", "offsets.npy", "pos.bin", "starts.bin"]
     assert (out / "ids.bin").stat().st_size == 2 * corpus.num_tokens
 
 

@@ -229,6 +229,9 @@ def test_evaluation_metrics_are_consistent_and_fill_mask_returns_top_k(merosu, t
     preds = fill_mask(model, tok, "メロスは[MASK]した。", top_k=5)
     assert len(preds) == 1 and len(preds[0]) == 5
     assert all(t not in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]") for t, _ in preds[0])
+    assert not any(t.startswith("##") for t, _ in preds[0])  # a [MASK] stands for a whole word
+    wide = fill_mask(model, tok, "メロスは[MASK]した。", top_k=len(tok) // 2)[0]
+    assert not any(t.startswith("##") for t, _ in wide)  # however deep the list goes
     probs = [p for _, p in preds[0]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0
     with pytest.raises(ValueError, match="no \\[MASK\\]"):

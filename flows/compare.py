@@ -1,0 +1,219 @@
+"""The ``compare`` flow: one prepared dataset, a grid of training settings x seeds, one
+child MLflow run per setting and seed under a comparison run, and a table and plots.
+
+The data stages run once (cached as in ``pretrain``). Every setting trains for the same
+steps on the same tokens with the same seeds (base seed, base seed + 1, ...), and is scored
+with the same fixed evaluation masks, so differences can be read against the seed-to-seed
+spread. Settings run one after another here, or, with ``deployment``, as flow runs of a
+deployment of ``compare_setting`` (``run_deployment``) that a work pool runs in parallel;
+the work directory must then be on storage every worker sees.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from mlm_core.config import DownloadConfig, EvalConfig, RuntimeConfig, TokenizeConfig, TrainConfig, VocabConfig
+from mlm_core.download import download_key
+from mlm_core.grid import csv_table, markdown_table, setting_configs, summarise
+from mlm_core.shards import tokenize_key
+from mlm_core.vocab import vocab_key
+from tasks import tracking
+from tasks.download import download_stage
+from tasks.evaluate import evaluate_stage
+from tasks.tokenize import tokenize_stage
+from tasks.train import train_stage
+from tasks.vocab import vocab_stage
+
+from .pretrain import data_stage
+
+TAG_COMPARISON = "melos.comparison"
+TAG_SETTING = "melos.setting"
+TABLE_METRICS = (
+    "eval/top1_accuracy", "eval/top5_accuracy", "eval/wwm_top1_accuracy", "eval/pseudo_perplexity", "eval/loss",
+    "eval/unigram_top1_accuracy",
+)
+
+
+@flow(name="compare-setting", description="Train and evaluate one setting of a comparison.")
+def compare_setting(
+    shards: dict, vocab: dict, train: TrainConfig, evaluate: EvalConfig, runtime: RuntimeConfig, workdir: str,
+    comparison_run_id: str, label: str,
+) -> dict:
+    """Train ``train`` on the prepared data and evaluate it, in an MLflow run nested under
+    ``comparison_run_id`` (tagged with the setting, for the MLflow UI's compare view)."""
+    client = tracking.client()
+    parent = client.get_run(comparison_run_id)
+    tags = {
+        "mlflow.parentRunId": comparison_run_id, tracking.TAG_STAGE: "setting", TAG_COMPARISON: comparison_run_id,
+        TAG_SETTING: label, "melos.seed": str(train.seed), tracking.TAG_FLOW_RUN: str(flow_run.id),
+        tracking.TAG_FLOW_RUN_NAME: flow_run.name or "",
+    }
+    run_id = client.create_run(parent.info.experiment_id, run_name=f"{label} seed={train.seed}", tags=tags).info.run_id
+    common = {"workdir": workdir, "parent_run_id": run_id}
+    try:
+        tracking.StageRun(run_id).log_params({"train": train.model_dump(), "evaluate": evaluate.model_dump()})
+        trained = train_stage(shards=shards, vocab=vocab, cfg=train, runtime=runtime, resume=False, **common)
+        report = evaluate_stage(shards=shards, vocab=vocab, trained=trained, cfg=evaluate, runtime=runtime, **common)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    tracking.end_run(run_id, "FINISHED")
+    return {"label": label, "seed": train.seed, "mlflow_run_id": run_id, "metrics": report["metrics"],
+            "model_dir": trained["model_dir"]}
+
+
+def _fan_out(deployment: str, jobs: list[dict[str, Any]], poll_s: float = 2.0) -> None:
+    """Start every job as a flow run of ``deployment`` at once, then wait until all end."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    started = [run_deployment(name=deployment, parameters=p, timeout=0) for p in jobs]
+    logger.info("started %d flow runs of %s", len(started), deployment)
+    pending = {fr.id: p["label"] for fr, p in zip(started, jobs)}
+    failed = []
+    with get_client(sync_client=True) as client:
+        while pending:
+            time.sleep(poll_s)
+            for fr_id in list(pending):
+                state = client.read_flow_run(fr_id).state
+                if state is not None and state.is_final():
+                    label = pending.pop(fr_id)
+                    if not state.is_completed():
+                        failed.append(f"{label} ({state.name}, flow run {fr_id})")
+    if failed:
+        raise RuntimeError(f"settings failed on the work pool: {'; '.join(failed)}; see their logs in the Prefect UI")
+
+
+def collect_results(comparison_run_id: str) -> list[dict]:
+    """Each finished setting run of the comparison, read back from MLflow (wherever it ran):
+    label, seed, held-out metrics, and the training loss curve of its train stage."""
+    client = tracking.client()
+    parent = client.get_run(comparison_run_id)
+    exp = [parent.info.experiment_id]
+    runs = client.search_runs(exp, filter_string=f"tags.`{TAG_COMPARISON}` = '{comparison_run_id}'", max_results=5000,
+                              order_by=["attributes.start_time ASC"])
+    out = []
+    for r in runs:
+        if r.info.status != "FINISHED":
+            continue
+        [train_run] = client.search_runs(
+            exp, filter_string=f"tags.mlflow.parentRunId = '{r.info.run_id}' and tags.`{tracking.TAG_STAGE}` = 'train'")
+        history = client.get_metric_history(train_run.info.run_id, "train/loss")
+        out.append({
+            "label": r.data.tags[TAG_SETTING], "seed": int(r.data.tags["melos.seed"]), "mlflow_run_id": r.info.run_id,
+            "metrics": {k: v for k, v in r.data.metrics.items() if k.startswith("eval/")},
+            "loss_history": sorted([m.step, m.value] for m in history),
+        })
+    return out
+
+
+@flow(name="compare", description="Compare training settings on one prepared dataset, over several seeds.")
+def compare(
+    grid: dict[str, list],
+    seeds: int = 1,
+    download: DownloadConfig = DownloadConfig(),
+    tokenize: TokenizeConfig = TokenizeConfig(),
+    vocab: VocabConfig = VocabConfig(),
+    train: TrainConfig = TrainConfig(),
+    evaluate: EvalConfig = EvalConfig(),
+    runtime: RuntimeConfig = RuntimeConfig(),
+    workdir: str = "melos-work",
+    experiment: str = "melos-compare",
+    deployment: str | None = None,
+) -> dict:
+    """Prepare the data once, train and evaluate every setting x seed, and report.
+
+    Args:
+        grid: training setting name -> values to try (every combination is a setting).
+        seeds: runs per setting, with seeds train.seed, train.seed + 1, ...
+        download: corpus sources. tokenize: sentence split and held-out share. vocab: WordPiece vocabulary.
+        train: the settings every run shares (the grid overrides its fields).
+        evaluate: the fixed evaluation masks. runtime: device and threads (speed only).
+        workdir: stage outputs (shared storage when fanning out).
+        experiment: MLflow experiment of the comparison run and its children.
+        deployment: 'FLOW/DEPLOYMENT' of compare_setting to fan the settings out to (None: one after another here).
+    """
+    logger = get_run_logger()
+    jobs_cfg = setting_configs(train, grid, seeds)  # bad grids fail before any work
+    workdir = str(Path(workdir).resolve())
+    parent = tracking.start_parent(
+        experiment, run_name=flow_run.name or "compare",
+        tags={tracking.TAG_FLOW_RUN: str(flow_run.id), tracking.TAG_FLOW_RUN_NAME: flow_run.name or "",
+              tracking.TAG_STAGE: "compare", TAG_COMPARISON: "parent"},
+    )
+    logger.info("comparison run %s: %d settings x %d seeds", parent, len(jobs_cfg) // seeds, seeds)
+    common = {"workdir": workdir, "parent_run_id": parent}
+    try:
+        tracking.StageRun(parent).log_params(
+            {"grid": {k: list(map(str, v)) for k, v in grid.items()}, "seeds": seeds, "train": train.model_dump(),
+             "evaluate": evaluate.model_dump(), "download": download.model_dump(), "workdir": workdir}
+        )
+        documents = data_stage(download_stage, "download", download_key(download), cfg=download, **common)
+        shards = data_stage(tokenize_stage, "tokenize", tokenize_key(documents["fingerprint"], tokenize),
+                            documents=documents, cfg=tokenize, **common)
+        vocabulary = data_stage(vocab_stage, "vocab", vocab_key(shards["fingerprint"], vocab), shards=shards,
+                                cfg=vocab, **common)
+        jobs = [
+            {"shards": shards, "vocab": vocabulary, "train": cfg, "evaluate": evaluate, "runtime": runtime,
+             "workdir": workdir, "comparison_run_id": parent, "label": label}
+            for label, _, cfg in jobs_cfg
+        ]
+        if deployment:
+            _fan_out(deployment, [{**j, "train": j["train"].model_dump(), "evaluate": j["evaluate"].model_dump(),
+                                   "runtime": j["runtime"].model_dump()} for j in jobs])
+        else:
+            for j in jobs:
+                compare_setting(**j)
+        results = collect_results(parent)
+        order = {label: i for i, (label, _, _) in enumerate(jobs_cfg)}
+        results.sort(key=lambda r: (order.get(r["label"], len(order)), r["seed"]))
+        report = _report(parent, results, grid, seeds, train)
+    except BaseException:
+        tracking.end_run(parent, "FAILED")
+        raise
+    tracking.end_run(parent, "FINISHED")
+    return {"mlflow_run_id": parent, "runs": results, **report}
+
+
+def _report(parent: str, results: list[dict], grid: dict, seeds: int, train: TrainConfig) -> dict:
+    from tasks.compare_plots import accuracy_bars, loss_curves, pos_bars
+
+    metrics = [m for m in TABLE_METRICS if any(m in r["metrics"] for r in results)]
+    pos = sorted({k for r in results for k in r["metrics"] if k.startswith("eval/pos/")})
+    rows = summarise(results, metrics + pos)
+    table = markdown_table(rows, metrics)
+    steps = train.max_steps if train.max_steps else f"{train.epochs:g} epochs"
+    md = "\n".join([
+        "# Melos comparison", "",
+        f"- **grid**: {', '.join(f'{k} = {list(v)}' for k, v in grid.items())}",
+        f"- **seeds per setting**: {seeds} (from {train.seed}); **budget per run**: {steps} steps, same data and masks for evaluation",
+        "- values are mean ± sample standard deviation over seeds; a difference smaller than the spreads is noise",
+        "", table, "",
+    ])
+    run = tracking.StageRun(parent)
+    with tempfile.TemporaryDirectory(prefix="melos-compare-") as tmp:
+        out = Path(tmp)
+        (out / "comparison.md").write_text(md, encoding="utf-8")
+        (out / "comparison.csv").write_text(csv_table(rows, metrics + pos), encoding="utf-8")
+        loss_curves(results, out / "loss_curves.png")
+        accuracy_bars(rows, out / "accuracy.png")
+        pos_bars(rows, out / "pos_accuracy.png")
+        for f in sorted(out.iterdir()):
+            run.log_artifact(f, "comparison")
+    url = tracking.run_url(parent)
+    create_markdown_artifact(
+        markdown=(f"**MLflow comparison run:** `{parent}`" + (f" ([open in MLflow]({url}))" if url else "")
+                  + "\n\n" + md + "\nPlots (loss curves, accuracy, per-POS accuracy) are in the MLflow run's "
+                  "`comparison/` artifacts."),
+        key="melos-comparison", description="Comparison of training settings",
+    )
+    return {"table": table, "markdown": md, "rows": rows}

@@ -1,0 +1,122 @@
+"""The compare flow (issue 7, part 5): grids, seeds, one MLflow child run per setting and seed,
+table and plots; sequential here, fanned out to a deployment in test_compare_deployment.py."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from mlm_core.config import TrainConfig
+from mlm_core.grid import (
+    check_grid,
+    csv_table,
+    markdown_table,
+    mean_spread,
+    parse_grid_arg,
+    setting_configs,
+    summarise,
+)
+
+TINY_ARGS = ["--hidden-size", "32", "--layers", "1", "--heads", "2", "--intermediate-size", "64", "--max-length", "64",
+             "--batch-size", "32", "--max-steps", "4", "--checkpoint-every", "4", "--eval-passes", "1",
+             "--eval-pll-sentences", "3", "--example", "メロスは[MASK]した。"]
+
+
+def test_grid_args_and_settings() -> None:
+    assert parse_grid_arg("mask_rate=0.15, 0.3,0.4") == ("mask_rate", ["0.15", "0.3", "0.4"])
+    assert parse_grid_arg("whole-word=false,true") == ("whole_word", ["false", "true"])
+    for bad in ("mask_rate", "mask_rate=", "=0.1"):
+        with pytest.raises(ValueError, match="FIELD=V1,V2"):
+            parse_grid_arg(bad)
+    with pytest.raises(ValueError, match="not a training setting.*mask_rate"):
+        check_grid({"mask_rat": [0.1]})
+    with pytest.raises(ValueError, match="same steps and seeds"):
+        check_grid({"max_steps": [10, 20]})
+    with pytest.raises(ValueError, match="empty"):
+        check_grid({})
+
+    base = TrainConfig(seed=7, max_steps=10)
+    jobs = setting_configs(base, {"mask_rate": ["0.15", "0.3:0.15:linear"], "masking": ["static", "dynamic"]}, 2)
+    assert [(label, seed) for label, seed, _ in jobs] == [
+        (f"mask_rate={r} masking={m}", s) for r in ("0.15", "0.3:0.15:linear") for m in ("static", "dynamic")
+        for s in (7, 8)
+    ]
+    assert {cfg.max_steps for _, _, cfg in jobs} == {10}  # same compute for every setting
+    assert jobs[4][2].mask_rate == "0.3:0.15:linear" and jobs[0][2].mask_rate == 0.15
+    with pytest.raises(ValueError, match="setting mask_rate=2"):
+        setting_configs(base, {"mask_rate": ["2"]}, 1)
+    with pytest.raises(ValueError, match="budget"):
+        setting_configs(TrainConfig(budget_minutes=1.0), {"masking": ["static"]}, 1)
+
+
+def test_summary_table_is_mean_and_sample_spread() -> None:
+    assert mean_spread([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert mean_spread([0.5]) == (0.5, 0.0)
+    results = [{"label": "a", "metrics": {"m": 0.1}}, {"label": "a", "metrics": {"m": 0.3}},
+               {"label": "b", "metrics": {"m": 0.5}}]
+    rows = summarise(results, ["m"])
+    assert [(r["setting"], r["runs"], r["m"]) for r in rows] == [("a", 2, pytest.approx(0.2)), ("b", 1, 0.5)]
+    assert "| a | 2 | 0.2000 ± 0.1414 |" in markdown_table(rows, ["m"])
+    parsed = list(csv.DictReader(io.StringIO(csv_table(rows, ["m"]))))
+    assert parsed[0]["setting"] == "a" and float(parsed[0]["m_spread"]) == pytest.approx(0.1414, abs=1e-4)
+
+
+def test_compare_cli_runs_each_setting_and_seed_under_one_comparison(prefect_harness, tmp_path, monkeypatch, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    from mlflow.tracking import MlflowClient
+
+    from flows.cli import main
+
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text("masking: [static, dynamic]\n", encoding="utf-8")
+    argv = ["compare", "--grid-file", str(grid_file), "--grid", "whole_word=false", "--seeds", "2", *TINY_ARGS,
+            "--workdir", str(tmp_path / "work"), "--experiment", "cmp"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| masking=static whole_word=false | 2 |" in out and "| masking=dynamic whole_word=false | 2 |" in out
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cmp")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    [parent] = [r for r in runs if r.data.tags.get("melos.comparison") == "parent"]
+    assert parent.info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("melos.comparison") == parent.info.run_id]
+    assert sorted((c.data.tags["melos.setting"], c.data.tags["melos.seed"]) for c in children) == [
+        ("masking=dynamic whole_word=false", "0"), ("masking=dynamic whole_word=false", "1"),
+        ("masking=static whole_word=false", "0"), ("masking=static whole_word=false", "1"),
+    ]
+    for c in children:
+        assert c.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert "eval/top1_accuracy" in c.data.metrics and "eval/pseudo_perplexity" in c.data.metrics
+        assert c.data.params["train.max_steps"] == "4"
+    # the data stages ran once, under the comparison run
+    stages = [r.data.tags.get("melos.stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(s for s in stages if s != "setting") == ["download", "tokenize", "vocab"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert artifacts == {f"comparison/{f}" for f in
+                         ("comparison.md", "comparison.csv", "loss_curves.png", "accuracy.png", "pos_accuracy.png")}
+    local = client.download_artifacts(parent.info.run_id, "comparison", str(tmp_path / "dl"))
+    for png in ("loss_curves.png", "accuracy.png", "pos_accuracy.png"):
+        assert (tmp_path / "dl" / "comparison" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = list(csv.DictReader(open(f"{local}/comparison.csv", encoding="utf-8")))
+    assert [row["runs"] for row in table] == ["2", "2"]
+    # the table's means are the children's metrics
+    for row in table:
+        mine = [c.data.metrics["eval/top1_accuracy"] for c in children if c.data.tags["melos.setting"] == row["setting"]]
+        assert float(row["eval/top1_accuracy"]) == pytest.approx(sum(mine) / 2, rel=1e-5)
+
+
+def test_compare_cli_refuses_bad_grids_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    from flows.cli import main
+
+    with pytest.raises(SystemExit, match="not a training setting"):
+        main(["compare", "--grid", "mask_rat=0.1,0.2", "--workdir", str(tmp_path / "w")])
+    with pytest.raises(SystemExit, match="mask rate"):
+        main(["compare", "--grid", "mask_rate=0.1,7", "--workdir", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()
