@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -72,6 +73,7 @@ _OPTIONS: list[tuple[str, type[BaseModel], str, str, dict]] = [
     ("runtime", RuntimeConfig, "nnodes", "--nnodes", {"type": int}),
     ("runtime", RuntimeConfig, "rdzv_endpoint", "--rdzv-endpoint", {"metavar": "HOST:PORT"}),
     ("runtime", RuntimeConfig, "rdzv_id", "--rdzv-id", {}),
+    ("runtime", RuntimeConfig, "tracking_grace_s", "--tracking-grace", {"type": float, "metavar": "SECONDS"}),
 ]
 _SECTIONS = {
     "download": DownloadConfig, "tokenize": TokenizeConfig, "vocab": VocabConfig,
@@ -160,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--tracking-uri", metavar="URI", help="MLflow store to log to (default: $MLFLOW_TRACKING_URI, "
                      "else sqlite:///mlflow.db in the current directory)")
+    run.add_argument(
+        "--on-busy", choices=["wait", "fail"], default="wait",
+        help="when a live run with the same settings is training in --workdir: wait for it (logging who "
+        "holds it), or fail at once naming its process and MLflow run id (default: wait)",
+    )
     run.add_argument(
         "--register-as", metavar="NAME", default=None,
         help="register the model in the MLflow Model Registry under NAME; alias 'champion' moves to it "
@@ -418,13 +425,24 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
     except SourceError as exc:
         raise SystemExit(f"melos: {exc}") from None
     from flows.pretrain import pretrain
+    from flows.server import prefect_server
+    from tasks.children import Stopped, stop_on_sigterm
+    from tasks.locks import RunBusyError
+    from tasks.tracking import TrackingOutage
 
     try:
-        result = pretrain(
-            **configs, workdir=ns.workdir, experiment=ns.experiment, resume=ns.resume, register_as=ns.register_as
-        )
-    except SourceError as exc:  # the traceback is in the flow run's log already; one line here
+        with stop_on_sigterm(), prefect_server():
+            result = pretrain(
+                **configs, workdir=ns.workdir, experiment=ns.experiment, resume=ns.resume,
+                register_as=ns.register_as, on_busy=ns.on_busy,
+            )
+    except (SourceError, RunBusyError, TrackingOutage) as exc:  # the traceback is in the flow run's log already; one line here
         raise SystemExit(f"melos: {exc}") from None
+    except KeyboardInterrupt as exc:
+        signame = signal.Signals(exc.signum).name if isinstance(exc, Stopped) else "SIGINT"
+        print(f"melos: stopped by {signame}; checkpoints written so far are kept and the MLflow runs are marked "
+              "KILLED; run the same command with --resume to continue", file=sys.stderr)
+        return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
     if ns.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return 0

@@ -6,6 +6,7 @@ Wiring only; each stage is a task in ``tasks/`` and the work is in ``mlm_core``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -14,13 +15,13 @@ from mlm_core.config import DownloadConfig, EvalConfig, RuntimeConfig, TokenizeC
 from mlm_core.download import download_key
 from mlm_core.shards import tokenize_key
 from mlm_core.vocab import vocab_key
-from tasks import tracking
+from tasks import locks, tracking
 from tasks.common import run_cached, stage_dir
 from tasks.download import download_stage
 from tasks.evaluate import evaluate_stage
 from tasks.publish import publish_stage
 from tasks.tokenize import tokenize_stage
-from tasks.train import train_stage
+from tasks.train import train_run_dir, train_stage
 from tasks.vocab import vocab_stage
 
 
@@ -36,6 +37,7 @@ def pretrain(
     experiment: str = "melos",
     resume: bool = False,
     register_as: str | None = None,
+    on_busy: Literal["wait", "fail"] = "wait",
 ) -> dict:
     """Run the whole pipeline; returns the evaluation metrics and the MLflow run id.
 
@@ -51,6 +53,8 @@ def pretrain(
         resume: continue the last interrupted training run with the same settings.
         register_as: register the model under this MLflow Model Registry name; alias
             'champion' moves to it only if its held-out top-1 beats the current champion's.
+        on_busy: when a live run with the same settings is training in the same work directory:
+            'wait' for it to finish, or 'fail' at once naming its process and MLflow run id.
     """
     logger = get_run_logger()
     workdir = str(Path(workdir).resolve())
@@ -75,16 +79,29 @@ def pretrain(
         vocabulary = data_stage(
             vocab_stage, "vocab", vocab_key(shards["fingerprint"], vocab), shards=shards, cfg=vocab, **common
         )
-        trained = train_stage(shards=shards, vocab=vocabulary, cfg=train, runtime=runtime, resume=resume, **common)
-        report = evaluate_stage(
-            shards=shards, vocab=vocabulary, trained=trained, cfg=evaluate, runtime=runtime, **common
-        )
-        published = publish_stage(
-            documents=documents, shards=shards, vocab=vocabulary, trained=trained, report=report, cfg=evaluate,
-            runtime=runtime, parent_run_id=parent, register_as=register_as,
-        )
-    except BaseException:
-        tracking.end_run(parent, "FAILED")
+        run_dir = train_run_dir(shards, vocabulary, train, workdir)
+        # held until the model is evaluated and published: a second run with these settings
+        # would otherwise replace or move this run's checkpoints and model under it
+        with locks.acquire_run_lock(run_dir.with_name(run_dir.name + ".lock"), parent, on_busy, logger.info) as lock:
+            take_over(lock, parent, logger)
+            try:
+                trained = train_stage(
+                    shards=shards, vocab=vocabulary, cfg=train, runtime=runtime, resume=resume, **common
+                )
+            except tracking.TrackingOutage:
+                lock.leave_record = True  # our MLflow runs stay RUNNING until the next run marks them
+                raise
+            report = evaluate_stage(
+                shards=shards, vocab=vocabulary, trained=trained, cfg=evaluate, runtime=runtime, **common
+            )
+            published = publish_stage(
+                documents=documents, shards=shards, vocab=vocabulary, trained=trained, report=report, cfg=evaluate,
+                runtime=runtime, parent_run_id=parent, register_as=register_as,
+            )
+    except tracking.TrackingOutage:
+        raise  # the server is away: closing the parent would only wait on it
+    except BaseException as exc:
+        tracking.end_run(parent, tracking.end_status(exc))
         raise
     tracking.end_run(parent, "FINISHED")
     return {
@@ -97,6 +114,17 @@ def pretrain(
         "registered": published.get("registered"),
         "stages": {r["stage"]: r["mlflow_run_id"] for r in (documents, shards, vocabulary, trained, report)},
     }
+
+
+def take_over(lock: locks.RunLock, parent: str, logger) -> None:
+    """A run that died holding the run directory (killed, machine lost) left its MLflow runs
+    RUNNING; mark them KILLED, pointing at this run, which carries on in its directory."""
+    dead = lock.taken_over.get("mlflow_run_id")
+    if dead and dead != parent:
+        marked = tracking.mark_taken_over(dead, parent)
+        if marked:
+            logger.warning("marked the MLflow runs of the dead run as KILLED: %s", ", ".join(marked))
+    tracking.StageRun(parent).set_tags({"melos.run_dir": str(lock.path.with_suffix(""))})
 
 
 def data_stage(task, stage: str, key: str, *, workdir: str, parent_run_id: str, **inputs) -> dict:

@@ -299,6 +299,10 @@ class RuntimeConfig(_Config):
         None, description="host:port where the machines of a multi-node run meet (torchrun --rdzv-endpoint)."
     )
     rdzv_id: str = Field("melos", description="Rendezvous id shared by the machines of one run (torchrun --rdzv-id).")
+    tracking_grace_s: float = Field(
+        300.0, gt=0, description="Seconds training goes on while the tracking server is unreachable, its "
+        "metrics queued; a longer outage fails the run, its checkpoints kept for --resume."
+    )
 
     @model_validator(mode="after")
     def _check_rendezvous(self) -> "RuntimeConfig":

@@ -8,6 +8,7 @@ atomic on POSIX within one filesystem).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -98,10 +99,32 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
+    _swap_in(tmp, target)
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` onto ``target``, moving a complete earlier ``target`` aside first.
+
+    Producers racing for the same target (two runs making the same stage) each retry until
+    their rename lands: the last one wins whole, and no mix of the two is ever visible.
+    A rename onto a non-empty directory fails (ENOTEMPTY/EEXIST), which is the signal that
+    another producer got there first.
+    """
+    while True:
+        try:
+            os.replace(tmp, target)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        # a unique empty directory to rename the old target onto (rename onto an empty dir is allowed)
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        try:
+            os.replace(target, old)
+        except FileNotFoundError:  # another producer moved it aside already
+            old.rmdir()
+            continue
+        except OSError:
+            shutil.rmtree(old, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)

@@ -27,6 +27,7 @@ TAG_FLOW_RUN = "prefect.flow_run_id"
 TAG_FLOW_RUN_NAME = "prefect.flow_run_name"
 TAG_STAGE = "melos.stage"
 TAG_CACHED = "melos.cached"
+TAG_TAKEN_OVER_BY = "melos.taken_over_by"
 # MLflow 3's experiment kind: its UI opens such an experiment on the runs table and charts
 # rather than on the GenAI overview of traces.
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -88,14 +89,102 @@ def flatten(prefix: str, obj: Any) -> dict[str, str]:
     return out
 
 
-class StageRun:
-    """A thin handle on one MLflow run; metrics are buffered and sent in batches."""
+class TrackingOutage(RuntimeError):
+    """The tracking server stayed unreachable for longer than the grace period."""
 
-    def __init__(self, run_id: str, flush_every: int = 200) -> None:
+
+class BackgroundSender:
+    """Sends one run's metrics and tags from a thread, so training never waits on the server.
+
+    While the server is away, batches wait in a bounded queue and are retried; when it is
+    back they are sent in order, so nothing is lost. ``check()`` (called by the producer on
+    every put) raises ``TrackingOutage`` once a batch has been failing for ``grace_s``.
+    """
+
+    def __init__(self, client_, run_id: str, grace_s: float, max_pending: int = 2_000_000) -> None:
+        import threading
+
+        self._client, self.run_id, self.grace_s, self._max = client_, run_id, grace_s, max_pending
+        self._batches: list[tuple[list, list]] = []
+        self._pending = 0
+        self._failing_since: float | None = None  # when the batch now being sent was first tried
+        self._last_error: BaseException | None = None
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"melos-mlflow-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def put(self, metrics: list, tags: list = ()) -> None:
+        self.check()
+        with self._cv:
+            if self._pending + len(metrics) > self._max:
+                raise TrackingOutage(f"{self._max} metrics are waiting for the tracking server at {tracking_uri()}")
+            self._batches.append((list(metrics), list(tags)))
+            self._pending += len(metrics)
+            self._cv.notify()
+
+    def check(self) -> None:
+        since = self._failing_since
+        if since is not None and time.monotonic() - since > self.grace_s:
+            raise TrackingOutage(
+                f"the tracking server at {tracking_uri()} has not answered for {time.monotonic() - since:.0f}s "
+                f"(grace period {self.grace_s:g}s, --tracking-grace): {self._last_error}; the checkpoints so far "
+                "are on disk: once the server is back, run the same command with --resume"
+            )
+
+    def drain(self) -> None:
+        """Wait until everything queued is sent; raises ``TrackingOutage`` after the grace period."""
+        with self._cv:
+            while self._batches:
+                self._cv.wait(0.2)
+                self.check()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._batches and not self._closed:
+                    self._cv.wait()
+                if not self._batches:
+                    return
+                metrics, tags = self._batches[0]
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+            try:
+                while metrics or tags:
+                    chunk, rest = metrics[:1000], metrics[1000:]
+                    self._client.log_batch(self.run_id, metrics=chunk, tags=tags)
+                    with self._cv:  # a partly sent batch resumes where it stopped
+                        self._batches[0] = (rest, [])
+                        self._pending -= len(chunk)
+                    metrics, tags = rest, []
+            except Exception as exc:  # server away: keep the batch, try again shortly
+                self._last_error = exc
+                time.sleep(1.0)
+                continue
+            with self._cv:
+                self._batches.pop(0)
+                self._failing_since = None
+                self._cv.notify_all()
+
+
+class StageRun:
+    """A thin handle on one MLflow run; metrics are buffered and sent in batches.
+
+    With ``grace_s`` set, metrics and tags are sent by a ``BackgroundSender`` instead, and a
+    tracking outage longer than ``grace_s`` seconds raises ``TrackingOutage`` at the next log call.
+    """
+
+    def __init__(self, run_id: str, flush_every: int = 200, grace_s: float | None = None) -> None:
         self.run_id = run_id
         self._client = client()
         self._pending: list = []
         self._flush_every = flush_every
+        self._sender = BackgroundSender(self._client, run_id, grace_s) if grace_s is not None else None
 
     def log_params(self, params: Mapping[str, Any], prefix: str = "") -> None:
         from mlflow.entities import Param
@@ -108,7 +197,9 @@ class StageRun:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
-        if items:
+        if items and self._sender is not None:
+            self._sender.put(self._take_pending(), items)
+        elif items:
             self._client.log_batch(self.run_id, tags=items)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0, flush: bool = True) -> None:
@@ -116,13 +207,34 @@ class StageRun:
 
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if flush or len(self._pending) >= self._flush_every:
+        if self._sender is not None:
+            if len(self._pending) >= self._flush_every:
+                self._sender.put(self._take_pending())
+            else:
+                self._sender.check()
+            if flush:
+                self.flush()
+        elif flush or len(self._pending) >= self._flush_every:
             self.flush()
 
+    def _take_pending(self) -> list:
+        pending, self._pending = self._pending, []
+        return pending
+
     def flush(self) -> None:
+        """Send what is buffered; with a background sender, wait until all is sent (grace permitting)."""
+        if self._sender is not None:
+            if self._pending:
+                self._sender.put(self._take_pending())
+            self._sender.drain()
+            return
         while self._pending:
             chunk, self._pending = self._pending[:1000], self._pending[1000:]
             self._client.log_batch(self.run_id, metrics=chunk)
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -171,10 +283,59 @@ def git_commit(path: Path) -> str | None:
     return commit if out.returncode == 0 and len(commit) == 40 else None
 
 
+def ensure_store() -> None:
+    """Create the default SQLite store under a lock (``<db>.lock`` beside it).
+
+    MLflow creates and migrates a new SQLite database on first use, and two processes doing
+    that at once break it (alembic: "Online migration expected to match one row"); once it
+    exists, concurrent runs are safe. Servers and other stores need nothing here.
+    """
+    path = stores.sqlite_path(tracking_uri())
+    if path is None or str(path) == ":memory:":
+        return
+    from .locks import file_lock
+
+    with file_lock(path.with_name(path.name + ".lock")):
+        client().search_experiments(max_results=1)
+
+
+def mark_taken_over(run_id: str, by_run_id: str) -> list[str]:
+    """Mark a dead run's MLflow parent and its unfinished children KILLED, tagged with the run that
+    took over; returns the ids marked. A run that already ended keeps its status."""
+    c = client()
+    try:
+        parent = c.get_run(run_id)
+    except Exception:  # e.g. the dead run logged to another store
+        return []
+    runs = [parent] + c.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+    )
+    marked = []
+    for run in runs:
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            c.set_tag(run.info.run_id, TAG_TAKEN_OVER_BY, by_run_id)
+            c.set_terminated(run.info.run_id, status="KILLED")
+            marked.append(run.info.run_id)
+    return marked
+
+
 def start_parent(experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
+    ensure_store()
     run = client().create_run(experiment_id(experiment), run_name=run_name, tags={**source_tags(), **tags})
     stores.remember(tracking_uri())
     return run.info.run_id
+
+
+def end_status(exc: BaseException) -> str:
+    """KILLED for a run stopped from outside (Ctrl-C, SIGTERM), FAILED for one that broke.
+
+    Inside a flow run Prefect turns SIGTERM into its own ``TerminationSignal`` first."""
+    from prefect.exceptions import TerminationSignal
+
+    from .children import stop_requested
+
+    stopped = isinstance(exc, (KeyboardInterrupt, SystemExit, TerminationSignal)) or stop_requested()
+    return "KILLED" if stopped else "FAILED"
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
@@ -182,8 +343,13 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
 
 
 @contextmanager
-def stage_run(parent_run_id: str, stage: str, tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
-    """A nested child run of ``parent_run_id``; FAILED if the block raises."""
+def stage_run(
+    parent_run_id: str, stage: str, tags: Mapping[str, str] | None = None, grace_s: float | None = None
+) -> Iterator[StageRun]:
+    """A nested child run of ``parent_run_id``; FAILED (KILLED when stopped) if the block raises.
+
+    ``grace_s``: send metrics in the background, tolerating tracking outages that long (see
+    ``StageRun``). After an outage the run is left for the next run to mark (the server is away)."""
     c = client()
     parent = c.get_run(parent_run_id)
     all_tags = {
@@ -196,14 +362,21 @@ def stage_run(parent_run_id: str, stage: str, tags: Mapping[str, str] | None = N
         **(tags or {}),
     }
     run = c.create_run(parent.info.experiment_id, run_name=stage, tags=all_tags)
-    handle = StageRun(run.info.run_id)
+    handle = StageRun(run.info.run_id, grace_s=grace_s)
     try:
         yield handle
-    except BaseException:
         handle.flush()
-        c.set_terminated(run.info.run_id, status="FAILED")
+    except TrackingOutage:
+        handle.close()
         raise
-    handle.flush()
+    except BaseException as exc:
+        try:
+            handle.flush()
+        finally:
+            handle.close()
+            c.set_terminated(run.info.run_id, status=end_status(exc))
+        raise
+    handle.close()
     c.set_terminated(run.info.run_id, status="FINISHED")
 
 

@@ -26,6 +26,7 @@ from mlm_core.tokenizer import WordPieceTokenizer
 from mlm_core.train import TrainCallback, train_key, train_model
 from mlm_core.vocab import VOCAB_FILE
 
+from .children import tied
 from .common import MANIFEST
 from .tracking import StageRun, stage_run
 
@@ -87,8 +88,13 @@ class MlflowProgress(TrainCallback):
     def on_checkpoint(self, step: int, path: Path) -> None:
         if not self.run:
             return
-        self.run.flush()
+        # queued behind the metrics (no flush): training does not wait for the tracking server
         self.run.set_tags({"melos.last_checkpoint": str(path), "melos.last_checkpoint_step": step})
+
+
+def train_run_dir(shards: dict, vocab: dict, cfg: TrainConfig, workdir: str) -> Path:
+    """``<workdir>/train/<key>``: one directory per (data, settings); a run owns it while it lives."""
+    return Path(workdir).resolve() / "train" / train_key(cfg, fingerprint(shards["fingerprint"], vocab["fingerprint"]))
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
@@ -151,15 +157,24 @@ def run_torchrun(spec: dict, runtime: RuntimeConfig, run_dir: Path, logger) -> S
     cmd = torchrun_command(runtime, spec_path)
     logger.info("starting %s", " ".join(cmd))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    # tied: torchrun dies with this process, even when it is SIGKILLed
+    with subprocess.Popen(tied(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                           cwd=Path(__file__).resolve().parents[1]) as proc:
         errors: list[str] = []  # the workers' exception lines, once each, for the task's error
-        for line in proc.stdout:
-            line = line.rstrip()
-            logger.info("%s", line)
-            found = _EXCEPTION_LINE.search(line)
-            if found and found.group(1) not in errors and not found.group(1).startswith("torch.distributed.elastic"):
-                errors.append(found.group(1))
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                logger.info("%s", line)
+                found = _EXCEPTION_LINE.search(line)
+                if found and found.group(1) not in errors and not found.group(1).startswith("torch.distributed.elastic"):
+                    errors.append(found.group(1))
+        except BaseException:  # stopped (Ctrl-C, SIGTERM): torchrun stops its workers on SIGTERM
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
         rc = proc.wait()
     if rc != 0 or not result_path.is_file():
         raise RuntimeError(
@@ -178,15 +193,17 @@ def train_stage(
     tokenizer = load_tokenizer(vocab)
     corpus = encoded_split(shards, vocab, tokenizer, "train", cfg.max_length, workdir)
     data_fp = fingerprint(shards["fingerprint"], vocab["fingerprint"])
-    key = train_key(cfg, data_fp)
-    run_dir = Path(workdir).resolve() / "train" / key
+    run_dir = train_run_dir(shards, vocab, cfg, workdir)
+    key = run_dir.name
     aside = prepare_run_dir(run_dir, resume)
     if aside is not None:
         logger.warning(
             "an unfinished run with these settings was moved to %s; pass --resume (resume=True) "
             "next time to continue such a run instead", aside,
         )
-    with stage_run(parent_run_id, "train", {"melos.key": key, "melos.resume": str(resume).lower()}) as run:
+    with stage_run(
+        parent_run_id, "train", {"melos.key": key, "melos.resume": str(resume).lower()}, grace_s=runtime.tracking_grace_s
+    ) as run:
         run.log_params(cfg.model_dump(), "train")
         run.log_params(runtime.model_dump(), "runtime")
         if runtime.distributed:

@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     if spec.get("mlflow_run_id"):
         from tasks.tracking import StageRun
 
-        run = StageRun(spec["mlflow_run_id"])
+        run = StageRun(spec["mlflow_run_id"], grace_s=runtime.tracking_grace_s)
     from tasks.train import MlflowProgress  # after the tokenizer: keeps a broken spec's error short
 
     try:
@@ -55,7 +55,11 @@ def main(argv: list[str]) -> int:
                  "final_loss": result.final_loss, "tokens_seen": result.tokens_seen, "seconds": result.seconds,
                  "history": result.history, "processes": info.world},
             )
+        if run is not None:
+            run.flush()  # what is queued, before the task closes the run
     finally:
+        if run is not None:
+            run.close()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -1,0 +1,203 @@
+"""Runs that share a machine: locks on run directories, racing stage producers, and two
+`melos pretrain` started at once in a fresh directory. Real processes only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.locks import RunBusyError, acquire_run_lock
+
+REPO = Path(__file__).resolve().parents[1]
+IO_MODULE = REPO / "mlm_core" / "io.py"
+
+
+def _wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _holder_process(lock: Path, run_id: str) -> subprocess.Popen:
+    """Another process that takes the run lock and keeps it until killed."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from tasks.locks import acquire_run_lock
+        lock = acquire_run_lock({str(lock)!r}, {run_id!r}, log=lambda m: None)
+        print("held", flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_busy_run_dir_fails_naming_its_holder_or_waits_and_takes_over_from_the_dead(tmp_path):
+    lock = tmp_path / "train" / "abc123.lock"
+    holder = _holder_process(lock, "run-of-the-holder")
+    try:
+        with pytest.raises(RunBusyError) as err:
+            acquire_run_lock(lock, "second-run", on_busy="fail", log=lambda m: None)
+        message = str(err.value)
+        assert f"process {holder.pid}" in message and "run-of-the-holder" in message
+        assert str(tmp_path / "train" / "abc123") in message and "--on-busy wait" in message
+
+        logs: list[str] = []
+        got: list = []
+        waiter = threading.Thread(
+            target=lambda: got.append(acquire_run_lock(lock, "third-run", log=logs.append, poll_s=0.05))
+        )
+        waiter.start()
+        _wait_for(lambda: logs, what="the waiting log line")
+        assert logs[0].startswith("waiting:") and f"process {holder.pid}" in logs[0], logs
+        time.sleep(0.3)
+        assert not got, "the lock was taken while its holder was alive"
+
+        holder.send_signal(signal.SIGKILL)  # dies without letting go: the kernel frees the lock
+        holder.wait(timeout=10)
+        waiter.join(timeout=30)
+        assert got, "the lock of a killed process was not taken over"
+        taken = got[0]
+        assert taken.taken_over["pid"] == holder.pid and taken.taken_over["mlflow_run_id"] == "run-of-the-holder"
+        assert any(m.startswith("took over") and "run-of-the-holder" in m for m in logs), logs
+        assert json.loads(lock.read_text())["mlflow_run_id"] == "third-run"
+        taken.release()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+    # a clean release leaves nothing to take over
+    with acquire_run_lock(lock, "fourth-run", on_busy="fail", log=lambda m: None) as again:
+        assert again.taken_over == {}
+    assert lock.read_text() == ""
+
+
+_PRODUCER = textwrap.dedent("""
+    import importlib.util, sys, time
+    from pathlib import Path
+    # mlm_core/io.py alone (stdlib only): the package would import torch into every producer
+    spec = importlib.util.spec_from_file_location("melos_io", sys.argv[4])
+    io = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(io)
+    atomic_dir = io.atomic_dir
+    target, name, go = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    with atomic_dir(target) as tmp:
+        for i in range(20):
+            (tmp / f"part-{i:02d}").write_text(name)
+        (Path(str(go) + "." + name)).touch()  # ready
+        while not go.exists():
+            time.sleep(0.001)
+    print("done", name, flush=True)
+""")
+
+
+def test_producers_racing_for_one_stage_dir_leave_one_complete_dir(tmp_path):
+    """Several processes finish the same directory at the same instant, over an existing one:
+    every producer succeeds and the directory is wholly one producer's, with no temporaries left."""
+    target = tmp_path / "tokenize" / "samekey"
+    target.mkdir(parents=True)
+    (target / "part-00").write_text("old")
+    names = ["a", "b", "c", "d"]
+    for round_ in range(4):
+        go = tmp_path / f"go-{round_}"
+        procs = [subprocess.Popen([sys.executable, "-c", _PRODUCER, str(target), n, str(go), str(IO_MODULE)],
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for n in names]
+        _wait_for(lambda: all(Path(f"{go}.{n}").exists() for n in names), what="all producers ready")
+        go.touch()
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+        files = sorted(target.iterdir())
+        assert [f.name for f in files] == [f"part-{i:02d}" for i in range(20)]
+        assert len({f.read_text() for f in files}) == 1, "the directory mixes producers' files"
+        assert sorted(p.name for p in target.parent.iterdir()) == ["samekey"]  # no .tmp / .old left behind
+
+
+def test_two_stage_runs_of_the_same_download_at_once_agree(tmp_path):
+    """The real download stage twice at once into one directory: both succeed, one complete result."""
+    code = textwrap.dedent(f"""
+        import json
+        from pathlib import Path
+        from mlm_core.config import DownloadConfig
+        from mlm_core.download import download_corpus, download_key
+        cfg = DownloadConfig()
+        root = Path({str(tmp_path)!r})
+        m = download_corpus(cfg, root / "download" / download_key(cfg), root / "raw")
+        print(json.dumps({{"fingerprint": m["fingerprint"], "documents": m["counts"]["documents"]}}))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert results[0] == results[1]
+    (out_dir,) = (tmp_path / "download").iterdir()
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["fingerprint"] == results[0]["fingerprint"]
+    assert sorted(p.name for p in (out_dir / "docs").iterdir()) == sorted(
+        f"{d['doc_id']}.txt" for d in manifest["documents"]
+    )
+    assert not [p for p in (tmp_path / "download").iterdir() if p.name.startswith(".")]
+
+
+ARGS = [
+    "--max-steps", "30", "--checkpoint-every", "10", "--batch-size", "16", "--eval-passes", "1",
+    "--hidden-size", "32", "--layers", "1", "--heads", "2", "--intermediate-size", "64", "--max-length", "64",
+    "--experiment", "side-by-side", "--example", "メロスは[MASK]した。", "--workdir", "work",
+]
+STAGES = ["download", "evaluate", "tokenize", "train", "vocab"]
+
+
+def test_two_pretrains_at_once_in_a_fresh_directory_both_finish_whole(tmp_path):
+    """No mlflow.db and no Prefect database yet; two identical runs start together. Both finish,
+    each with its own complete MLflow parent and children, and the two never train at once."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the default store: ./mlflow.db, created by whichever run is first
+    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "pretrain", *ARGS], cwd=tmp_path, env=env,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True) for _ in range(2)]
+    outputs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=600)
+            outputs.append(out)
+            assert p.returncode == 0, out[-4000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("side-by-side")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    train_runs = []
+    for parent in parents:
+        mine = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(r.data.tags["melos.stage"] for r in mine) == STAGES
+        assert all(r.info.status == "FINISHED" for r in mine)
+        assert parent.data.metrics.get("eval/top1_accuracy") is not None
+        train_runs += [r for r in mine if r.data.tags["melos.stage"] == "train"]
+    # one run directory, owned by one run at a time: the training spans never overlap
+    first, second = sorted(train_runs, key=lambda r: r.info.start_time)
+    assert first.info.end_time <= second.info.start_time
+    assert first.data.tags["melos.key"] == second.data.tags["melos.key"]
