@@ -210,7 +210,7 @@ def tokenize_part(docs_dir: str, doc_ids: list[str], parts_dir: str, name: str, 
         sample = {"doc_id": doc_col[0], "text": texts[0], "words": words_flat[: offsets[1]],
                   "pos": pos_flat[: offsets[1]]}
     with atomic_path(Path(parts_dir) / f"{name}.parquet") as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="none")  # read once by the merge, then deleted
     with atomic_path(Path(parts_dir) / f"{name}.counts.parquet") as tmp:
         pq.write_table(_count_table(table), tmp)
     summary = {"name": name, "documents": len(doc_ids), "counts": counts, "sample": sample}
@@ -309,6 +309,8 @@ def _map_local(workers: int | None) -> Callable:
             yield from (fn(*job) for job in jobs)
             return
         ctx = multiprocessing.get_context("forkserver")
+        # Workers fork from a server that has this module (pyarrow, pydantic) loaded already.
+        ctx.set_forkserver_preload([__name__])
         with ProcessPoolExecutor(n, mp_context=ctx) as pool:
             yield from pool.map(fn, *zip(*jobs))
 
@@ -342,7 +344,7 @@ def tokenize_corpus(
     mapper = map_fn or _map_local(cfg.workers)
     counts = {split: {"sentences": 0, "words": 0, "characters": 0} for split in SPLITS}
     sample: dict | None = None
-    word_counts: dict[str, Counter[str]] = {split: Counter() for split in SPLITS}
+    word_counts = WordCountMerger()
     with atomic_dir(out_dir) as tmp:
         writers = {s: ShardWriter(tmp, s, cfg.max_rows_per_shard, cfg.row_group_size) for s in SPLITS}
         results = mapper(tokenize_part, [str(docs_dir)] * len(parts), parts, [str(parts_dir)] * len(parts), names,
@@ -356,9 +358,7 @@ def tokenize_corpus(
             for split in SPLITS:
                 for k, v in summary["counts"][split].items():
                     counts[split][k] += v
-            part_counts = pq.read_table(parts_dir / f"{name}.counts.parquet")
-            for split, word, n in zip(*(part_counts.column(c).to_pylist() for c in WORD_COUNTS_SCHEMA.names)):
-                word_counts[split][word] += n
+            word_counts.add(pq.read_table(parts_dir / f"{name}.counts.parquet"))
             sample = sample or summary["sample"]
             if progress is not None:
                 progress(n, len(parts))
@@ -371,7 +371,9 @@ def tokenize_corpus(
                 f"{counts['heldout']['sentences']} held-out and 0 training sentences; "
                 "add text or lower heldout_fraction"
             )
-        write_word_counts(tmp / WORD_COUNTS_FILE, word_counts)
+        counted = word_counts.sorted_table()
+        pq.write_table(counted, tmp / WORD_COUNTS_FILE, compression="zstd")
+        distinct = dict(Counter(counted.column("split").to_pylist()))
         totals = {k: sum(counts[s][k] for s in SPLITS) for k in ("sentences", "words", "characters")}
         manifest = {
             "stage": "tokenize",
@@ -381,7 +383,7 @@ def tokenize_corpus(
             "upstream_fingerprint": upstream_fingerprint,
             "fingerprint": tokenize_key(upstream_fingerprint, cfg),
             "counts": {"documents": len(doc_ids), **totals, "splits": counts,
-                       "distinct_words": {s: len(word_counts[s]) for s in SPLITS}},
+                       "distinct_words": {s: distinct.get(s, 0) for s in SPLITS}},
             "shards": {s: writers[s].files for s in SPLITS},
             "word_counts": WORD_COUNTS_FILE,
             "sample": sample,
@@ -391,15 +393,40 @@ def tokenize_corpus(
     return manifest
 
 
-def write_word_counts(path: Path, word_counts: dict[str, Counter[str]]) -> None:
-    """Per-split word counts, most frequent first (ties by word), as one Parquet file."""
-    columns: dict[str, list] = {"split": [], "word": [], "count": []}
-    for split in SPLITS:
-        for word, n in sorted(word_counts[split].items(), key=lambda kv: (-kv[1], kv[0])):
-            columns["split"].append(split)
-            columns["word"].append(word)
-            columns["count"].append(n)
-    pq.write_table(pa.table(columns, schema=WORD_COUNTS_SCHEMA), path, compression="zstd")
+class WordCountMerger:
+    """Sums (split, word, count) tables with Arrow. Tables are combined whenever the rows held
+    double, so memory stays a small multiple of the number of distinct (split, word) pairs."""
+
+    def __init__(self, min_rows: int = 1 << 20) -> None:
+        self._tables: list[pa.Table] = []
+        self._rows = 0
+        self._limit = min_rows
+
+    def add(self, table: pa.Table) -> None:
+        self._tables.append(table)
+        self._rows += table.num_rows
+        if self._rows > self._limit:
+            self._combine()
+            self._limit = max(self._limit, 2 * self._rows)
+
+    def _combine(self) -> None:
+        if not self._tables:
+            return
+        summed = pa.concat_tables(self._tables).group_by(["split", "word"]).aggregate([("count", "sum")])
+        table = pa.table([summed.column("split"), summed.column("word"), summed.column("count_sum")],
+                         schema=WORD_COUNTS_SCHEMA)
+        self._tables, self._rows = [table], table.num_rows
+
+    def sorted_table(self) -> pa.Table:
+        """One table: each split in SPLITS order, most frequent first, ties by word (UTF-8
+        byte order, which is Python's code point order)."""
+        self._combine()
+        table = self._tables[0] if self._tables else WORD_COUNTS_SCHEMA.empty_table()
+        parts = []
+        for split in SPLITS:
+            rows = table.filter(pc.equal(table.column("split"), split))
+            parts.append(rows.take(pc.sort_indices(rows, [("count", "descending"), ("word", "ascending")])))
+        return pa.concat_tables(parts).combine_chunks()
 
 
 def read_word_counts(tokenize_dir: Path, manifest: dict, split: str) -> dict[str, int] | None:
