@@ -8,7 +8,9 @@ Serves the mirror on 127.0.0.1 itself, selects every work through the catalogue
 - ``tokenize_ratio_1proc``: the tokenize stage's sentences/s on 1 process divided by a bare
   fugashi ``Tagger.parse`` loop over the same sentences, in the same run (also printed on
   CPU seconds as ``tokenize_ratio_1proc_cpu``, which other load on the machine distorts less);
-- ``tokenize_scaling_2proc``: tokenize throughput on 2 processes divided by 1 process;
+- ``tokenize_scaling_2proc``: tokenize throughput on 2 processes divided by 1 process (also
+  on CPU seconds as ``tokenize_scaling_2proc_cpu``: the 1-process stage's CPU seconds over
+  those of the busiest process of the 2-process run, each worker's read in the worker);
 - ``data_stages_wall_s``: download from loopback + tokenize + vocab (8k) for the whole
   selection with the default settings (a cold raw cache);
 - ``peak_rss_ratio_4x``: peak memory (max RSS of the stage process and of any worker) of
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlm_core.config import DownloadConfig, TokenizeConfig, VocabConfig  # noqa: E402
 from mlm_core.download import download_corpus  # noqa: E402
-from mlm_core.shards import iter_rows, shard_paths, tokenize_corpus  # noqa: E402
+from mlm_core.shards import iter_rows, shard_paths, tokenize_corpus, tokenize_part  # noqa: E402
 from mlm_core.vocab import build_vocab  # noqa: E402
 
 
@@ -74,12 +76,44 @@ def data_stages(sources: list[str], base_url: str, work: Path, workers: int | No
             "failed": docs["counts"]["failed"], "docs": docs, "shards": shards}
 
 
+def timed_part(*args) -> dict:
+    """``tokenize_part`` with the CPU seconds it took in its worker process, and that pid."""
+    c0 = time.process_time()
+    summary = tokenize_part(*args)
+    return {**summary, "cpu_s": time.process_time() - c0, "pid": os.getpid()}
+
+
+def timed_pool(workers: int, summaries: list[dict]):
+    """An ordered map over a forkserver pool of ``workers`` processes (as the stage's own)
+    that keeps each part's summary, with its worker CPU seconds, in ``summaries``."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    def run(fn, *iterables):
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["mlm_core.shards", "pandas"])  # as the stage does
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            for summary in pool.map(timed_part, *iterables):
+                summaries.append(summary)
+                yield summary
+
+    return run
+
+
 def tokenize_throughput(docs_dir: Path, ids: list[str], fp: str, work: Path, workers: int) -> tuple[float, dict]:
+    """Sentences/s of the tokenize stage; with workers > 1, also the CPU seconds each worker
+    process spent in its parts (``worker_cpu``), read in the workers with process_time."""
     out = work / f"tok-{workers}"
+    summaries: list[dict] = []
+    map_fn = timed_pool(workers, summaries) if workers > 1 else None
     t0, c0 = time.perf_counter(), time.process_time()
-    manifest = tokenize_corpus(docs_dir, ids, out, TokenizeConfig(workers=workers), fp)
+    manifest = tokenize_corpus(docs_dir, ids, out, TokenizeConfig(workers=workers), fp, map_fn=map_fn)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return manifest["counts"]["sentences"] / seconds, {"dir": out, "manifest": manifest, "seconds": seconds, "cpu": cpu}
+    worker_cpu: dict[int, float] = {}
+    for summary in summaries:
+        worker_cpu[summary["pid"]] = worker_cpu.get(summary["pid"], 0.0) + summary["cpu_s"]
+    return manifest["counts"]["sentences"] / seconds, {"dir": out, "manifest": manifest, "seconds": seconds,
+                                                       "cpu": cpu, "worker_cpu": sorted(worker_cpu.values())}
 
 
 def bare_parse_rate(tokenize_dir: Path, manifest: dict) -> tuple[float, float, float]:
@@ -159,6 +193,12 @@ def throughput(docs_dir: Path, ids: list[str], run: dict, work: Path) -> None:
           f"tokenize_ratio_1proc_cpu={bare_cpu / one['cpu']:.3f}")
     print(f"tokenize_ratio_1proc={rate1 / bare:.3f}")
     print(f"tokenize_scaling_2proc={rate2 / rate1:.3f}", flush=True)
+    # On CPU seconds: the 1-process stage's CPU over the busiest process of the 2-process run
+    # (a worker, or the main process merging the parts), i.e. its wall time on two idle cores.
+    busiest = max([two["cpu"], *two["worker_cpu"]])
+    print(f"tokenize_2proc_worker_cpu_s={','.join(f'{c:.1f}' for c in two['worker_cpu'])} "
+          f"tokenize_2proc_main_cpu_s={two['cpu']:.1f}")
+    print(f"tokenize_scaling_2proc_cpu={one['cpu'] / busiest:.3f}", flush=True)
 
 
 def write_plain_copies(docs_dir: Path, ids: list[str], dest: Path, copies: int) -> None:

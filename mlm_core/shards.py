@@ -33,6 +33,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from itertools import accumulate
 from importlib.metadata import version
 from pathlib import Path
 
@@ -73,13 +74,22 @@ def tokenize_key(upstream_fingerprint: str, cfg: TokenizeConfig) -> str:
 
 def is_heldout(text: str, fraction: float, salt: str) -> bool:
     """Deterministic membership of the held-out split, by a salted hash of the text."""
+    return heldout_test(fraction, salt)(text)
+
+
+def heldout_test(fraction: float, salt: str) -> Callable[[str], bool]:
+    """``is_heldout`` for one fraction and salt, with the hash key prepared once."""
     if fraction <= 0.0:
-        return False
+        return lambda text: False
     key = salt.encode("utf-8")
     if len(key) > 64:  # blake2b keys hold 64 bytes; hash longer salts rather than cut them
         key = hashlib.blake2b(key, digest_size=64).digest()
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=key).digest()
-    return int.from_bytes(digest, "big") / 2**64 < fraction
+    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+
+    def test(text: str) -> bool:
+        return from_bytes(blake2b(text.encode("utf-8"), digest_size=8, key=key).digest(), "big") / 2**64 < fraction
+
+    return test
 
 
 PART_SCHEMA = pa.schema([*SHARD_SCHEMA, pa.field("heldout", pa.bool_(), nullable=False)])
@@ -178,56 +188,93 @@ def tokenize_part(docs_dir: str, doc_ids: list[str], parts_dir: str, name: str, 
     done = Path(parts_dir) / f"{name}.json"
     if done.is_file():
         return read_json(done)["summary"]
-    mecab = _MECAB
-    columns: dict[str, list] = {n: [] for n in ("doc_id", "sentence_index", "text", "heldout")}
-    # words and pos as flat lists + offsets: Arrow builds list columns from these ~7x faster
-    # than from a Python list of lists.
-    words_flat: list[str] = []
-    pos_flat: list[str] = []
-    offsets = [0]
-    counts = {split: {"sentences": 0, "words": 0, "characters": 0} for split in SPLITS}
-    sample = None
-    for doc_id in doc_ids:
-        index = 0
-        for line in iter_document_lines(Path(docs_dir) / f"{doc_id}.txt"):
-            for sentence in split_sentences(line):
-                words, pos = mecab(sentence)
-                if not words:
-                    continue
-                heldout = is_heldout(sentence, cfg.heldout_fraction, cfg.split_salt)
-                columns["doc_id"].append(doc_id)
-                columns["sentence_index"].append(index)
-                columns["text"].append(sentence)
-                columns["heldout"].append(heldout)
-                words_flat += words
-                pos_flat += pos
-                offsets.append(len(words_flat))
-                c = counts["heldout" if heldout else "train"]
-                c["sentences"] += 1
-                c["words"] += len(words)
-                c["characters"] += len(sentence)
-                if sample is None:
-                    sample = {"doc_id": doc_id, "text": sentence, "words": words, "pos": pos}
-                index += 1
+    doc_col: list[str] = []
+    index_col: list[int] = []
+    texts, words_flat, pos_flat, offsets = _words_of(docs_dir, doc_ids, doc_col, index_col)
+    heldout = list(map(heldout_test(cfg.heldout_fraction, cfg.split_salt), texts))
     list_offsets = pa.array(offsets, pa.int32())
     table = pa.Table.from_arrays(
         [
-            pa.array(columns["doc_id"], pa.string()),
-            pa.array(columns["sentence_index"], pa.int32()),
-            pa.array(columns["text"], pa.string()),
+            pa.array(doc_col, pa.string()),
+            pa.array(index_col, pa.int32()),
+            pa.array(texts, pa.string()),
             pa.ListArray.from_arrays(list_offsets, pa.array(words_flat, pa.string())),
             pa.ListArray.from_arrays(list_offsets, pa.array(pos_flat, pa.string())),
-            pa.array(columns["heldout"], pa.bool_()),
+            pa.array(heldout, pa.bool_()),
         ],
         schema=PART_SCHEMA,
     )
+    counts = _split_counts(table)
+    sample = None
+    if texts:
+        sample = {"doc_id": doc_col[0], "text": texts[0], "words": words_flat[: offsets[1]],
+                  "pos": pos_flat[: offsets[1]]}
     with atomic_path(Path(parts_dir) / f"{name}.parquet") as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="none")  # read once by the merge, then deleted
     with atomic_path(Path(parts_dir) / f"{name}.counts.parquet") as tmp:
         pq.write_table(_count_table(table), tmp)
     summary = {"name": name, "documents": len(doc_ids), "counts": counts, "sample": sample}
     atomic_write_json(done, {"summary": summary})
     return summary
+
+
+def _words_of(docs_dir: str, doc_ids: list[str], doc_col: list[str], index_col: list[int]):
+    """(sentences, words, pos, offsets) of the documents' sentences that have words; fills
+    ``doc_col`` and ``index_col`` with each kept sentence's document and index in it.
+
+    The MeCab outputs of the whole part are joined and split on tabs at once (one C-level
+    split instead of one per sentence); ``MecabWords.split`` reads them one by one only in
+    the rare part where that would differ from it (a whitespace token, an odd field count).
+    """
+    parse = _MECAB.parser()
+    texts: list[str] = []
+    outs: list[str] = []
+    for doc_id in doc_ids:
+        sentences = [s for line in iter_document_lines(Path(docs_dir) / f"{doc_id}.txt") for s in split_sentences(line)]
+        parsed = list(map(parse, sentences))
+        kept = [i for i, out in enumerate(parsed) if out]
+        texts += [sentences[i] for i in kept]
+        outs += [parsed[i] for i in kept]
+        doc_col += [doc_id] * len(kept)
+        index_col += range(len(kept))
+    tabs = [out.count("\t") for out in outs]
+    fields = "\t".join(outs).split("\t") if outs else []
+    words_flat, pos_flat = fields[0::2], fields[1::2]
+    if all(n % 2 for n in tabs) and "" not in words_flat and not any(map(str.isspace, words_flat)):
+        offsets = [0]
+        offsets += accumulate((n + 1) // 2 for n in tabs)
+        return texts, words_flat, pos_flat, offsets
+    doc_col.clear()
+    index_col.clear()
+    texts, words_flat, pos_flat, offsets = [], [], [], [0]
+    read = _MECAB.split
+    for doc_id in doc_ids:
+        index = 0
+        for line in iter_document_lines(Path(docs_dir) / f"{doc_id}.txt"):
+            for sentence in split_sentences(line):
+                words, pos = read(parse(sentence), sentence)
+                if words:
+                    texts.append(sentence)
+                    words_flat += words
+                    pos_flat += pos
+                    offsets.append(len(words_flat))
+                    doc_col.append(doc_id)
+                    index_col.append(index)
+                    index += 1
+    return texts, words_flat, pos_flat, offsets
+
+
+def _split_counts(part: pa.Table) -> dict[str, dict[str, int]]:
+    """Sentences, words and characters (code points) of a part's rows, per split."""
+    held = part.column("heldout")
+    words = pc.list_value_length(part.column("words"))
+    chars = pc.utf8_length(part.column("text"))
+    counts = {}
+    for split, mask in (("train", pc.invert(held)), ("heldout", held)):
+        counts[split] = {"sentences": pc.sum(pc.cast(mask, pa.int64())).as_py() or 0,
+                         "words": pc.sum(pc.filter(words, mask)).as_py() or 0,
+                         "characters": pc.sum(pc.filter(chars, mask)).as_py() or 0}
+    return counts
 
 
 def _count_table(part: pa.Table) -> pa.Table:
@@ -262,6 +309,10 @@ def _map_local(workers: int | None) -> Callable:
             yield from (fn(*job) for job in jobs)
             return
         ctx = multiprocessing.get_context("forkserver")
+        # Workers fork from a server that has this module (pyarrow, pydantic) loaded already,
+        # and pandas, which pyarrow imports on a process's first pa.array (0.2-0.5 CPU s);
+        # a preload that cannot be imported is skipped.
+        ctx.set_forkserver_preload([__name__, "pandas"])
         with ProcessPoolExecutor(n, mp_context=ctx) as pool:
             yield from pool.map(fn, *zip(*jobs))
 
@@ -295,7 +346,7 @@ def tokenize_corpus(
     mapper = map_fn or _map_local(cfg.workers)
     counts = {split: {"sentences": 0, "words": 0, "characters": 0} for split in SPLITS}
     sample: dict | None = None
-    word_counts: dict[str, Counter[str]] = {split: Counter() for split in SPLITS}
+    word_counts = WordCountMerger()
     with atomic_dir(out_dir) as tmp:
         writers = {s: ShardWriter(tmp, s, cfg.max_rows_per_shard, cfg.row_group_size) for s in SPLITS}
         results = mapper(tokenize_part, [str(docs_dir)] * len(parts), parts, [str(parts_dir)] * len(parts), names,
@@ -309,9 +360,7 @@ def tokenize_corpus(
             for split in SPLITS:
                 for k, v in summary["counts"][split].items():
                     counts[split][k] += v
-            part_counts = pq.read_table(parts_dir / f"{name}.counts.parquet")
-            for split, word, n in zip(*(part_counts.column(c).to_pylist() for c in WORD_COUNTS_SCHEMA.names)):
-                word_counts[split][word] += n
+            word_counts.add(pq.read_table(parts_dir / f"{name}.counts.parquet"))
             sample = sample or summary["sample"]
             if progress is not None:
                 progress(n, len(parts))
@@ -324,7 +373,9 @@ def tokenize_corpus(
                 f"{counts['heldout']['sentences']} held-out and 0 training sentences; "
                 "add text or lower heldout_fraction"
             )
-        write_word_counts(tmp / WORD_COUNTS_FILE, word_counts)
+        counted = word_counts.sorted_table()
+        pq.write_table(counted, tmp / WORD_COUNTS_FILE, compression="zstd")
+        distinct = dict(Counter(counted.column("split").to_pylist()))
         totals = {k: sum(counts[s][k] for s in SPLITS) for k in ("sentences", "words", "characters")}
         manifest = {
             "stage": "tokenize",
@@ -334,7 +385,7 @@ def tokenize_corpus(
             "upstream_fingerprint": upstream_fingerprint,
             "fingerprint": tokenize_key(upstream_fingerprint, cfg),
             "counts": {"documents": len(doc_ids), **totals, "splits": counts,
-                       "distinct_words": {s: len(word_counts[s]) for s in SPLITS}},
+                       "distinct_words": {s: distinct.get(s, 0) for s in SPLITS}},
             "shards": {s: writers[s].files for s in SPLITS},
             "word_counts": WORD_COUNTS_FILE,
             "sample": sample,
@@ -344,15 +395,40 @@ def tokenize_corpus(
     return manifest
 
 
-def write_word_counts(path: Path, word_counts: dict[str, Counter[str]]) -> None:
-    """Per-split word counts, most frequent first (ties by word), as one Parquet file."""
-    columns: dict[str, list] = {"split": [], "word": [], "count": []}
-    for split in SPLITS:
-        for word, n in sorted(word_counts[split].items(), key=lambda kv: (-kv[1], kv[0])):
-            columns["split"].append(split)
-            columns["word"].append(word)
-            columns["count"].append(n)
-    pq.write_table(pa.table(columns, schema=WORD_COUNTS_SCHEMA), path, compression="zstd")
+class WordCountMerger:
+    """Sums (split, word, count) tables with Arrow. Tables are combined whenever the rows held
+    double, so memory stays a small multiple of the number of distinct (split, word) pairs."""
+
+    def __init__(self, min_rows: int = 1 << 20) -> None:
+        self._tables: list[pa.Table] = []
+        self._rows = 0
+        self._limit = min_rows
+
+    def add(self, table: pa.Table) -> None:
+        self._tables.append(table)
+        self._rows += table.num_rows
+        if self._rows > self._limit:
+            self._combine()
+            self._limit = max(self._limit, 2 * self._rows)
+
+    def _combine(self) -> None:
+        if not self._tables:
+            return
+        summed = pa.concat_tables(self._tables).group_by(["split", "word"]).aggregate([("count", "sum")])
+        table = pa.table([summed.column("split"), summed.column("word"), summed.column("count_sum")],
+                         schema=WORD_COUNTS_SCHEMA)
+        self._tables, self._rows = [table], table.num_rows
+
+    def sorted_table(self) -> pa.Table:
+        """One table: each split in SPLITS order, most frequent first, ties by word (UTF-8
+        byte order, which is Python's code point order)."""
+        self._combine()
+        table = self._tables[0] if self._tables else WORD_COUNTS_SCHEMA.empty_table()
+        parts = []
+        for split in SPLITS:
+            rows = table.filter(pc.equal(table.column("split"), split))
+            parts.append(rows.take(pc.sort_indices(rows, [("count", "descending"), ("word", "ascending")])))
+        return pa.concat_tables(parts).combine_chunks()
 
 
 def read_word_counts(tokenize_dir: Path, manifest: dict, split: str) -> dict[str, int] | None:

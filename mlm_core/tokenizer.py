@@ -18,12 +18,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]  # ids 0..4, in this order, in every vocabulary
 CONTINUATION = "##"
-# One token of unidic-lite's MeCab output: surface, 3 fields, then pos1 and "-pos2" of the
-# "pos1-pos2-pos3..." field. The EOS line does not match, nor does a token whose surface
-# is empty or only whitespace (U+3000 is such a token, 空白): the lookahead skips them.
-_MECAB_LINE = re.compile(
-    r"^(?![^\S\t\n]*\t)([^\t\n]+)\t[^\t\n]*\t[^\t\n]*\t[^\t\n]*\t([^\t\n-]*)(-[^\t\n-]*)?", re.M
-)
+# MeCab writes each token as "surface<TAB>pos<TAB>" and nothing for BOS/EOS, so a sentence's
+# output splits on tabs into alternating surfaces and parts of speech with no per-word Python
+# work. %F-[0,1] joins pos1 and pos2 with "-", leaving out a "*" field: ``pos1-pos2``, or
+# ``pos1`` where pos2 is "*". ``-O ""`` clears unidic-lite's own output-format-type, which
+# would otherwise override the formats given here; unknown words (-U) get the same format.
+_MECAB_FORMAT = r'-O "" -F%m\\t%F-[0,1]\\t -U%m\\t%F-[0,1]\\t -E "" -B ""'
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 
 
@@ -33,32 +33,61 @@ class MecabWords:
 
     def __init__(self) -> None:
         self._tagger = None
+        self._reference = None
         self._pid = -1
 
     def _get(self):
         if self._tagger is None or self._pid != os.getpid():
             import fugashi  # deferred: importing loads the dictionary
 
-            self._tagger = fugashi.Tagger()
+            self._tagger = fugashi.Tagger(_MECAB_FORMAT)
+            self._reference = None
             self._pid = os.getpid()
         return self._tagger
+
+    def parser(self):
+        """The bound ``parse`` of this process's Tagger, for loops that call ``split``."""
+        return self._get().parse
 
     def __call__(self, text: str) -> tuple[list[str], list[str]]:
         """(surfaces, parts of speech), from MeCab's text output.
 
         Parsing to a string and splitting it is several times faster than walking fugashi's
-        nodes (each node and feature becomes a Python object). unidic-lite's output format
-        is ``surface<TAB>pron<TAB>kana<TAB>lemma<TAB>pos1-pos2-...<TAB>...``, read with one
-        regular expression; ``nodes_reference`` keeps the node walk it must equal.
+        nodes (each node and feature becomes a Python object); ``nodes_reference`` keeps the
+        node walk it must equal.
         """
-        found = _MECAB_LINE.findall(self._get().parse(text))
-        return [f[0] for f in found], [f[1] + f[2] for f in found]
+        return self.split(self._get().parse(text), text)
+
+    def split(self, parsed: str, text: str) -> tuple[list[str], list[str]]:
+        """(surfaces, parts of speech) of ``parsed``, the output of ``parser()(text)``.
+
+        Tokens whose surface is empty or only whitespace (U+3000 is such a token, 空白) are
+        dropped, as the node API reading does. Output that does not split into pairs (fugashi
+        strips the string's ends, so a leading whitespace surface could go) is read through
+        the node API instead.
+        """
+        fields = parsed.split("\t")
+        if len(fields) % 2:
+            if fields == [""]:
+                return [], []
+            return self.nodes_reference(text)
+        surfaces, pos = fields[0::2], fields[1::2]
+        if "" in surfaces or any(map(str.isspace, surfaces)):
+            kept = [i for i, s in enumerate(surfaces) if s and not s.isspace()]
+            surfaces, pos = [surfaces[i] for i in kept], [pos[i] for i in kept]
+        return surfaces, pos
 
     def nodes_reference(self, text: str) -> tuple[list[str], list[str]]:
-        """The same through fugashi's node API (slow; for tests and benchmarks)."""
+        """The same through fugashi's node API with the default Tagger (slow; for tests,
+        benchmarks and the rare output ``split`` cannot read)."""
+        self._get()
+        if self._reference is None:
+            import fugashi
+
+            self._reference = fugashi.Tagger()
         surfaces: list[str] = []
         pos: list[str] = []
-        for node in self._get()(text):
+        for node in self._reference(text):
             surface = node.surface
             if not surface or surface.isspace():
                 continue
