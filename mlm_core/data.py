@@ -56,7 +56,7 @@ def encode_shards(paths: list[Path], tokenizer: WordPieceTokenizer, out_dir: Pat
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
     n_tokens = 0
     offsets = array("q", [0])  # 8 bytes a sequence, not a Python int object each
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, keep_existing="meta.json") as tmp:
         with open(tmp / "ids.bin", "wb") as fh, open(tmp / "starts.bin", "wb") as fs, open(tmp / "pos.bin", "wb") as fp:
             for batch in iter_rows(paths, ["words", "pos"]):
                 encoded = tokenizer.encode_words_with_word_ids(batch.column(0).to_pylist())

@@ -84,12 +84,17 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike[str], keep_existing: str | None = None) -> Iterator[Path]:
     """Build a whole directory under a temporary name, then swap it into place.
 
     Readers see either the previous complete directory or the new complete one, never a
     half-written one. The previous directory, if any, is removed only after the new one
     is complete.
+
+    ``keep_existing`` names the file that describes a finished directory (its manifest).
+    If the directory in place has the same description as ours, another run produced the
+    same output meanwhile: it is kept and ours dropped, since a run may already be reading
+    it and must never see it moved away. A different one is replaced as usual.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +104,17 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if keep_existing is not None and _same_file(target / keep_existing, tmp / keep_existing):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     _swap_in(tmp, target)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.read_bytes() == b.read_bytes()
+    except FileNotFoundError:
+        return False
 
 
 def _swap_in(tmp: Path, target: Path) -> None:

@@ -347,7 +347,7 @@ def tokenize_corpus(
     counts = {split: {"sentences": 0, "words": 0, "characters": 0} for split in SPLITS}
     sample: dict | None = None
     word_counts = WordCountMerger()
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, keep_existing="manifest.json") as tmp:
         writers = {s: ShardWriter(tmp, s, cfg.max_rows_per_shard, cfg.row_group_size) for s in SPLITS}
         results = mapper(tokenize_part, [str(docs_dir)] * len(parts), parts, [str(parts_dir)] * len(parts), names,
                          [cfg] * len(parts))

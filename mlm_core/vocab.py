@@ -146,7 +146,7 @@ def build_vocab(tokenize_dir: Path, tokenize_manifest: dict, out_dir: Path, cfg:
     train_counts = _split_counts(tokenize_dir, tokenize_manifest, "train")
     tokens = train_wordpiece_from_counts(train_counts, cfg)
     tokenizer = WordPieceTokenizer(tokens, max_input_chars_per_word=cfg.max_input_chars_per_word)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, keep_existing="manifest.json") as tmp:
         tokenizer.save(tmp / VOCAB_FILE)
         manifest = {
             "stage": "vocab",

@@ -127,6 +127,37 @@ def test_producers_racing_for_one_stage_dir_leave_one_complete_dir(tmp_path):
         assert sorted(p.name for p in target.parent.iterdir()) == ["samekey"]  # no .tmp / .old left behind
 
 
+def test_a_finished_keyed_dir_stays_put_for_its_readers_when_a_second_producer_finishes(tmp_path):
+    """Two runs make the same stage output at once: the first to finish is kept in place (a
+    run may already be reading it) and the second drops its copy; an output with another
+    description, or one written without ``keep_existing``, replaces what is there."""
+    from mlm_core.io import atomic_dir
+
+    target = tmp_path / "encoded" / "samekey"
+    with atomic_dir(target, keep_existing="meta.json") as second:
+        (second / "meta.json").write_text("key-a")
+        (second / "by").write_text("second")
+        with atomic_dir(target, keep_existing="meta.json") as first:
+            (first / "meta.json").write_text("key-a")
+            (first / "by").write_text("first")
+        inode = target.stat().st_ino
+        reader = open(target / "by", encoding="utf-8")
+    with reader:
+        assert reader.read() == "first"
+    assert target.stat().st_ino == inode and (target / "by").read_text() == "first"
+    assert [p.name for p in target.parent.iterdir()] == ["samekey"]  # the loser's temporary is gone
+    with atomic_dir(target, keep_existing="meta.json") as other:  # another description: replaced
+        (other / "meta.json").write_text("key-b")
+    assert (target / "meta.json").read_text() == "key-b"
+
+    plain = tmp_path / "plain"
+    with atomic_dir(plain) as tmp:
+        (tmp / "meta.json").write_text("old")
+    with atomic_dir(plain) as tmp:
+        (tmp / "meta.json").write_text("new")
+    assert (plain / "meta.json").read_text() == "new"
+
+
 def test_two_stage_runs_of_the_same_download_at_once_agree(tmp_path):
     """The real download stage twice at once into one directory: both succeed, one complete result."""
     code = textwrap.dedent(f"""
