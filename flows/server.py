@@ -93,6 +93,21 @@ def prefect_server(timeout: float = 120.0) -> Iterator[str | None]:
     url = f"http://127.0.0.1:{port}/api"
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield url
+            try:
+                yield url
+            finally:
+                _deliver_queued_logs_and_events()
     finally:
         _stop(proc)
+
+
+def _deliver_queued_logs_and_events(timeout: float = 10.0) -> None:
+    """Send the flow's logs and events still queued while the server is up. Left for
+    Prefect's exit hook, they would go to a server already stopped, and the process would
+    hang for over a minute retrying before it exits."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):  # best effort: a lost log line must not fail the run
+            worker.drain_all(timeout=timeout)

@@ -41,8 +41,11 @@ def trained(tmp_path_factory):
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["MELOS_CONFIG_DIR"] = str(root / "config")
+    env["PREFECT_LOGGING_TO_API_ENABLED"] = "true"  # as a user's run: logs go to the Prefect server too
     out = melos(["pretrain", *TINY, "--json"], project, env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
+    # every queued log line reached the temporary server before it was stopped
+    assert "Error logging to API" not in out.stderr, out.stderr[-2000:]
     result = json.loads(out.stdout[out.stdout.index("{\n"):out.stdout.rindex("}") + 1])
     return {"result": result, "project": project, "elsewhere": elsewhere, "env": env, "root": root}
 
