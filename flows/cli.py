@@ -314,6 +314,18 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _one_line(exc: ValidationError) -> str:
+    """Pydantic's multi-line report as one line per the CLI's promise, naming the flag."""
+    flags = {(section, field): flag for section, _, field, flag, _ in _OPTIONS}
+    section = next((name for name, cls in _SECTIONS.items() if cls.__name__ == exc.title), exc.title)
+    parts = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        name = flags.get((section, field), f"--{field.replace('_', '-')}" if field else section)
+        parts.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
 def configs_from_args(ns: argparse.Namespace) -> dict[str, BaseModel]:
     values: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     for key, value in vars(ns).items():
@@ -413,7 +425,7 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
     try:
         configs = configs_from_args(ns)
     except ValidationError as exc:
-        raise SystemExit(f"melos: invalid option: {exc}") from None
+        raise SystemExit(f"melos: invalid option: {_one_line(exc)}") from None
     if ns.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = ns.tracking_uri
     if ns.register_as is not None and not ns.register_as.strip():
@@ -480,7 +492,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     try:
         configs = configs_from_args(ns)
     except ValidationError as exc:
-        raise SystemExit(f"melos: invalid option: {exc}") from None
+        raise SystemExit(f"melos: invalid option: {_one_line(exc)}") from None
     evaluate = configs["evaluate"]
     if "evaluate.max_sentences" not in vars(ns):  # all of the corpus unless a sample is asked for
         evaluate = evaluate.model_copy(update={"max_sentences": None})
@@ -555,7 +567,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         grid = grid_from_args(ns)
         setting_configs(configs["train"], grid, ns.seeds)  # every setting valid before anything starts
     except ValidationError as exc:
-        raise SystemExit(f"melos: invalid option: {exc}") from None
+        raise SystemExit(f"melos: invalid option: {_one_line(exc)}") from None
     except ValueError as exc:
         raise SystemExit(f"melos: {exc}") from None
     if ns.tracking_uri:
@@ -607,19 +619,11 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's own artifact progress bars would stand between a command and its answer.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     ns = build_parser().parse_args(argv)
-    if ns.command == "pretrain":
-        return cmd_pretrain(ns)
-    if ns.command == "runs":
-        return cmd_runs(ns)
-    if ns.command == "ui":
-        return cmd_ui(ns)
-    if ns.command == "export":
-        return cmd_export(ns)
-    if ns.command == "evaluate":
-        return cmd_evaluate(ns)
-    if ns.command == "compare":
-        return cmd_compare(ns)
-    return cmd_fill_mask(ns)
+    commands = {
+        "pretrain": cmd_pretrain, "fill-mask": cmd_fill_mask, "runs": cmd_runs, "ui": cmd_ui,
+        "export": cmd_export, "evaluate": cmd_evaluate, "compare": cmd_compare,
+    }
+    return commands[ns.command](ns)
 
 
 if __name__ == "__main__":
