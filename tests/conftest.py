@@ -47,6 +47,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_processes(procs: list, timeout: float = 30.0) -> None:
+    """Terminate server/worker processes, newest first, killing any that outlive ``timeout``."""
+    import subprocess
+
+    for proc in reversed(procs):
+        proc.terminate()
+    for proc in reversed(procs):
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def wait_for_http(url: str, timeout: float = 120.0, proc=None) -> None:
     """Poll ``url`` until it answers 2xx; fail early if ``proc`` died."""
     import httpx

@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from conftest import REPO, free_port, wait_for_http
+from conftest import REPO, free_port, stop_processes, wait_for_http
 from test_deployment import PREFECT, _cli
 
 pytestmark = pytest.mark.servers
@@ -68,10 +68,4 @@ def test_compare_fans_settings_out_to_a_deployment(tmp_path):
         assert all("eval/top1_accuracy" in c.data.metrics for c in children)
         assert parent.info.status == "FINISHED"
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs)

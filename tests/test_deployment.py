@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO, free_port, wait_for_http
+from conftest import REPO, free_port, stop_processes, wait_for_http
 
 pytestmark = pytest.mark.servers
 
@@ -114,10 +114,4 @@ def test_deploy_and_run_on_a_real_server_and_worker(tmp_path):
         assert champion.run_id == parents[0].info.run_id
         assert champion.tags["melos.promotion"].startswith("promoted: first version")
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs)
