@@ -94,13 +94,13 @@ def test_bad_options_get_a_readable_error():
     assert "hidden_size (130) must be divisible by num_heads (4)" in out.stderr
     assert "Traceback" not in out.stderr
     bad = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "pretrain", "--eval-passes", "0", "--lr", "-1"],
+        [sys.executable, "-m", "flows.cli", "pretrain", "--mask-rate", "2", "--lr", "-1"],
         capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     # one line, naming each bad flag (not pydantic's field names and URLs)
     assert bad.stderr.strip().count("\n") == 0, bad.stderr
-    assert "--eval-passes:" in bad.stderr and "--lr:" in bad.stderr and "pydantic.dev" not in bad.stderr
+    assert "--mask-rate:" in bad.stderr and "--lr:" in bad.stderr and "pydantic.dev" not in bad.stderr
 
 
 def test_help_lists_every_stage():
