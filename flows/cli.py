@@ -33,6 +33,7 @@ _OPTIONS: list[tuple[str, type[BaseModel], str, str, dict]] = [
     ("tokenize", TokenizeConfig, "heldout_fraction", "--heldout-fraction", {"type": float}),
     ("tokenize", TokenizeConfig, "max_rows_per_shard", "--max-rows-per-shard", {"type": int}),
     ("tokenize", TokenizeConfig, "workers", "--workers", {"type": int}),
+    ("tokenize", TokenizeConfig, "part_chars", "--part-chars", {"type": int}),
     ("tokenize", TokenizeConfig, "dask", "--dask", {"action": "store_true"}),
     ("tokenize", TokenizeConfig, "dask_address", "--dask-address", {"metavar": "tcp://HOST:PORT"}),
     ("vocab", VocabConfig, "vocab_size", "--vocab-size", {"type": int}),

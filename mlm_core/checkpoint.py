@@ -23,6 +23,7 @@ import torch
 
 from .io import atomic_dir, read_json
 from .model import BertForMaskedLM, ModelConfig
+from .pause import pause_point
 from .tokenizer import WordPieceTokenizer
 
 CONFIG, VOCAB, MODEL, OPTIMIZER, TRAINER = "config.json", "vocab.txt", "model.pt", "optimizer.pt", "trainer.pt"
@@ -70,6 +71,7 @@ def save_checkpoint(
         state = {"step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": rng,
                  "history": history, **(extra or {})}
         torch.save(state, tmp / TRAINER)
+        pause_point("checkpoint")
     for old in list_checkpoints(checkpoints_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path

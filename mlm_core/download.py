@@ -31,6 +31,7 @@ from .aozora import TextDecodeError, clean_aozora, clean_plain, decode_text
 from .catalogue import CATALOGUE_PATH, CatalogueError, join_base, parse_selection, read_catalogue, rebase_url, select_works
 from .config import EMBEDDED_SOURCE, DownloadConfig
 from .io import atomic_dir, atomic_path, atomic_write_json, fingerprint, sha256_bytes, sha256_file
+from .pause import pause_point
 
 EMBEDDED_ZIP = Path(__file__).parent / "corpus" / "1567_ruby_4948.zip"
 TEXT_SUFFIXES = (".txt",)
@@ -564,6 +565,7 @@ def _download(cfg, sources, keys, fetcher, out_dir, raw_cache, progress) -> dict
                                      "error": str(exc), "transient": isinstance(exc, TransientSourceError)})
                 if progress is not None:
                     progress(n, len(items))
+                pause_point("download")
         except BaseException:
             for f in futures:
                 if f is not None:

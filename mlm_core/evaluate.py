@@ -20,6 +20,7 @@ from .data import POS_CLASSES, EncodedCorpus, eval_sample, fixed_eval_batches, f
 from .io import atomic_write_json, atomic_write_text
 from .masking import IGNORE_INDEX, MaskSpec
 from .model import BertForMaskedLM
+from .pause import pause_point
 from .pll import pseudo_log_likelihood
 from .tokenizer import MecabWords, WordPieceTokenizer
 
@@ -114,6 +115,7 @@ def evaluate_heldout(
     ``train_class_counts``), and the word-l2r pseudo-perplexity of ``cfg.pll_sentences``."""
     if len(heldout) == 0:
         raise ValueError("the held-out split is empty: raise heldout_fraction or add text to evaluate")
+    pause_point("evaluate")
     model.eval()
     spec = MaskSpec(rate=cfg.mask_rate, mask_token_prob=1.0, random_token_prob=0.0)
     baseline_top = _top_ids(train_counts, tokenizer.num_special)[0]

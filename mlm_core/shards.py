@@ -43,8 +43,10 @@ import pyarrow.parquet as pq
 
 from .config import TokenizeConfig
 from .io import atomic_dir, atomic_path, atomic_write_json, fingerprint, read_json
+from .pause import pause_point
 from .sentences import split_sentences
 from .tokenizer import MecabWords
+from .workers import exit_with
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "heldout")
@@ -313,7 +315,8 @@ def _map_local(workers: int | None) -> Callable:
         # and pandas, which pyarrow imports on a process's first pa.array (0.2-0.5 CPU s);
         # a preload that cannot be imported is skipped.
         ctx.set_forkserver_preload([__name__, "pandas"])
-        with ProcessPoolExecutor(n, mp_context=ctx) as pool:
+        # the workers end with this process, even SIGKILLed (left alone they would wait forever)
+        with ProcessPoolExecutor(n, mp_context=ctx, initializer=exit_with, initargs=(os.getpid(),)) as pool:
             yield from pool.map(fn, *zip(*jobs))
 
     return run
@@ -362,6 +365,7 @@ def tokenize_corpus(
                     counts[split][k] += v
             word_counts.add(pq.read_table(parts_dir / f"{name}.counts.parquet"))
             sample = sample or summary["sample"]
+            pause_point("tokenize")
             if progress is not None:
                 progress(n, len(parts))
         for w in writers.values():
