@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -143,3 +144,35 @@ def _swap_in(tmp: Path, target: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
             raise
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` for the block, waiting for it; the file
+    is removed at the end of the block (while still held).
+
+    Processes making the same output take turns with it. A waiter woken on a file that was
+    removed meanwhile starts over on the new one, so two processes never hold it at once. The
+    kernel drops the lock of a killed holder; its file stays and is simply taken next time.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fh = open(target, "a+b")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                held = os.fstat(fh.fileno()).st_ino == os.stat(target).st_ino
+            except FileNotFoundError:
+                held = False
+        except BaseException:
+            fh.close()
+            raise
+        if held:
+            break
+        fh.close()
+    try:
+        yield
+    finally:
+        target.unlink(missing_ok=True)
+        fh.close()

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import TokenizeConfig
-from .io import atomic_dir, atomic_path, atomic_write_json, fingerprint, read_json
+from .io import atomic_dir, atomic_path, atomic_write_json, exclusive, fingerprint, read_json
 from .pause import pause_point
 from .sentences import split_sentences
 from .tokenizer import MecabWords
@@ -331,6 +331,31 @@ def tokenize_corpus(
     map_fn: Callable | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
+    """Run stage 2 into ``out_dir``; returns the manifest (see ``_tokenize_corpus``).
+
+    Runs making the same output at once share its parts directory, so they take turns (a
+    lock file beside ``out_dir``); one that waited finds the output finished and returns it.
+    """
+    doc_ids = list(doc_ids)
+    missing = [d for d in doc_ids if not (docs_dir / f"{d}.txt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"document {missing[0]!r} is missing from {docs_dir} ({len(missing)} missing); rerun download")
+    with exclusive(out_dir.parent / f".{out_dir.name}.lock"):
+        done = out_dir / "manifest.json"
+        if done.is_file() and read_json(done).get("fingerprint") == tokenize_key(upstream_fingerprint, cfg):
+            return read_json(done)
+        return _tokenize_corpus(docs_dir, doc_ids, out_dir, cfg, upstream_fingerprint, map_fn, progress)
+
+
+def _tokenize_corpus(
+    docs_dir: Path,
+    doc_ids: Iterable[str],
+    out_dir: Path,
+    cfg: TokenizeConfig,
+    upstream_fingerprint: str,
+    map_fn: Callable | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Run stage 2 into ``out_dir``; returns the manifest (also written as manifest.json).
 
     Documents are tokenized in parts, fanned out by ``map_fn`` (an ordered ``map`` such as
@@ -339,9 +364,6 @@ def tokenize_corpus(
     runs the parts. Parts finished before a crash are kept next to ``out_dir`` and reused.
     """
     doc_ids = list(doc_ids)
-    missing = [d for d in doc_ids if not (docs_dir / f"{d}.txt").is_file()]
-    if missing:
-        raise FileNotFoundError(f"document {missing[0]!r} is missing from {docs_dir} ({len(missing)} missing); rerun download")
     parts = plan_parts(docs_dir, doc_ids, cfg.part_chars)
     parts_dir = out_dir.parent / f".{out_dir.name}.parts"
     parts_dir.mkdir(parents=True, exist_ok=True)

@@ -232,3 +232,64 @@ def test_two_pretrains_at_once_in_a_fresh_directory_both_finish_whole(tmp_path):
     first, second = sorted(train_runs, key=lambda r: r.info.start_time)
     assert first.info.end_time <= second.info.start_time
     assert first.data.tags["melos.key"] == second.data.tags["melos.key"]
+
+
+_TOKENIZER = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from mlm_core.config import TokenizeConfig
+    from mlm_core.shards import tokenize_corpus
+    docs, out = Path(sys.argv[1]), Path(sys.argv[2])
+    cfg = TokenizeConfig(part_chars=1500, workers=2, max_rows_per_shard=60)
+    manifest = tokenize_corpus(docs, sorted(p.stem for p in docs.glob("*.txt")), out, cfg, "upstream")
+    print(json.dumps(manifest, sort_keys=True))
+""")
+
+
+def _waits_for_a_lock(pid: int) -> bool:
+    """Whether process ``pid`` is blocked waiting for a file lock (a ``->`` line of /proc/locks)."""
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "->" and fields[5] == str(pid):
+            return True
+    return False
+
+
+def test_two_tokenizers_of_one_corpus_at_once_take_turns_on_its_parts(tmp_path):
+    """Two processes tokenize the same corpus into the same output at once. The first is held
+    after merging its first part, its process pool having finished every part; the second
+    arrives meanwhile. Sharing the parts directory, the second would finish and delete the
+    parts the first is still merging; it waits for the first instead, and both get the output."""
+    from mlm_core.pause import ENV_MARKER, ENV_POINT
+    from mlm_core.shards import plan_parts
+    from tests.test_kill_anywhere import _corpus
+
+    docs = _corpus(tmp_path)
+    out = tmp_path / "tokenize" / "samekey"
+    marker = tmp_path / "first-is-held"
+    command = [sys.executable, "-c", _TOKENIZER, str(docs), str(out)]
+    first = subprocess.Popen(command, cwd=REPO, env={**os.environ, ENV_POINT: "tokenize", ENV_MARKER: str(marker)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = None
+    try:
+        _wait_for(lambda: marker.exists() or first.poll() is not None, 120, "the first tokenizer to be held")
+        assert marker.exists(), first.communicate()[1][-3000:]
+        n_parts = len(plan_parts(docs, sorted(p.stem for p in docs.glob("*.txt")), 1500))
+        assert n_parts >= 3
+        parts_dir = out.parent / ".samekey.parts"
+        _wait_for(lambda: len(list(parts_dir.glob("*.json"))) == n_parts, 120, "the first run's parts")
+        second = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda: second.poll() is not None or _waits_for_a_lock(second.pid), 120,
+                  "the second tokenizer to finish or wait")
+        marker.unlink()  # the first carries on merging
+        results = []
+        for proc in (first, second):
+            stdout, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == 0, stderr[-3000:]
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert results[0] == results[1] == json.loads((out / "manifest.json").read_text())
+    assert sorted(p.name for p in out.parent.iterdir()) == ["samekey"]  # parts, lock and temporaries gone
