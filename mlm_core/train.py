@@ -41,7 +41,9 @@ from .packing import TokenBatchPlan, block_diagonal_mask, step_model_flops
 from .schedule import budget_lr_factor, lr_factor
 from .tokenizer import WordPieceTokenizer
 
-__all__ = ["TrainCallback", "TrainResult", "lr_factor", "model_config_for", "resolve_device", "train_model"]
+__all__ = [
+    "TrainCallback", "TrainResult", "TrainingStopped", "lr_factor", "model_config_for", "resolve_device", "train_model",
+]
 
 
 class TrainCallback:
@@ -55,6 +57,19 @@ class TrainCallback:
     def on_log(self, step: int, metrics: dict[str, float]) -> None: ...
 
     def on_checkpoint(self, step: int, path: Path) -> None: ...
+
+    def stop_requested(self) -> bool:
+        """Polled after every step: True ends training there, with a checkpoint of that step
+        (so a resumed run loses nothing), by raising ``TrainingStopped``."""
+        return False
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Training stopped at ``step`` because the callback asked; its checkpoint is on disk."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"training stopped at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass
@@ -315,12 +330,16 @@ def train_model(
                         **({"train/budget_used": min(1.0, elapsed_now / budget_s)} if budget_s else {}),
                     },
                 )
-            if main and (done % cfg.checkpoint_every == 0 or finished):
+            saved = main and (done % cfg.checkpoint_every == 0 or finished)
+            stop = main and not finished and callback.stop_requested()
+            if saved or stop:
                 last_ckpt = save_checkpoint(
                     checkpoints_dir, done, model, tokenizer, optimizer, None, history, meta, cfg.keep_checkpoints,
                     extra={"elapsed_s": elapsed_now},
                 )
                 callback.on_checkpoint(done, last_ckpt)
+            if stop:
+                raise TrainingStopped(done, last_ckpt)
             if out_of_budget:
                 break
     finally:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 _stop_signal: int | None = None
@@ -60,3 +61,34 @@ def stop_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def stop_at_safe_points() -> Iterator[None]:
+    """Within the block a first SIGTERM is only recorded (``stop_requested()``): the code polls
+    it and stops where its state is whole (training: after a step, with a checkpoint of it).
+    When the block ends, the handler in place before it (ours, or Prefect's while a flow runs)
+    gets the signal, so the run stops as it would have. A second SIGTERM goes to it at once.
+    Without a handler to defer to (SIGTERM's default action) or off the main thread, the
+    block changes nothing."""
+    received: list[int] = []
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def record(signum, frame):
+        global _stop_signal
+        _stop_signal = signum
+        received.append(signum)
+        if len(received) > 1:
+            previous(signum, frame)
+
+    deferring = callable(previous) and threading.current_thread() is threading.main_thread()
+    if not deferring:
+        yield
+        return
+    signal.signal(signal.SIGTERM, record)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if received:
+            os.kill(os.getpid(), received[0])

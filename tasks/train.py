@@ -23,10 +23,10 @@ from mlm_core.data import EncodedCorpus, encode_key, encode_shards
 from mlm_core.io import atomic_write_json, fingerprint, read_json
 from mlm_core.shards import shard_paths
 from mlm_core.tokenizer import WordPieceTokenizer
-from mlm_core.train import TrainCallback, train_key, train_model
+from mlm_core.train import TrainCallback, TrainingStopped, train_key, train_model
 from mlm_core.vocab import VOCAB_FILE
 
-from .children import tied
+from .children import stop_at_safe_points, stop_requested, tied
 from .common import MANIFEST
 from .tracking import StageRun, stage_run
 
@@ -90,6 +90,10 @@ class MlflowProgress(TrainCallback):
             return
         # queued behind the metrics (no flush): training does not wait for the tracking server
         self.run.set_tags({"melos.last_checkpoint": str(path), "melos.last_checkpoint_step": step})
+
+    def stop_requested(self) -> bool:
+        # SIGTERM (see tasks.children): stop after this step, with a checkpoint of it
+        return stop_requested() is not None
 
 
 def train_run_dir(shards: dict, vocab: dict, cfg: TrainConfig, workdir: str) -> Path:
@@ -215,10 +219,15 @@ def train_stage(
                 runtime, run_dir, logger,
             )
         else:
-            result = train_model(
-                corpus, tokenizer, cfg, runtime, run_dir, data_fingerprint=data_fp, resume=resume,
-                callback=MlflowProgress(run, logger),
-            )
+            with stop_at_safe_points():
+                try:
+                    result = train_model(
+                        corpus, tokenizer, cfg, runtime, run_dir, data_fingerprint=data_fp, resume=resume,
+                        callback=MlflowProgress(run, logger),
+                    )
+                except TrainingStopped as exc:  # SIGTERM: the block hands it on as it ends
+                    logger.warning("%s", exc)
+                    raise
         summary = {
             "train/final_loss": result.final_loss,
             "train/steps": result.steps,

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from mlm_core.checkpoint import list_checkpoints
+from mlm_core.pause import ENV_MARKER, ENV_POINT
 
 ARGS = [
     "--max-steps", "200", "--checkpoint-every", "20", "--batch-size", "16", "--eval-passes", "1",
@@ -48,14 +49,20 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
-def _start_and_wait_for_checkpoint(args, cwd, env, after_step: int = 0):
+def _start_and_wait_for_checkpoint(args, cwd, env, after_step: int = 0, held: Path | None = None):
+    """Start a run and wait until it has a checkpoint after ``after_step``, or, given ``held``
+    (a marker file), until the pause hook holds it writing its first checkpoint."""
+    if held is not None:
+        env = {**env, ENV_POINT: "checkpoint", ENV_MARKER: str(held)}
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "pretrain", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     workdir = Path(args[args.index("--workdir") + 1])
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
+        if held is not None and held.exists():
+            return proc, _descendants(proc.pid)
         steps = [int(c.name.split("-")[1]) for d in workdir.glob("train/*/checkpoints") for c in list_checkpoints(d)]
-        if steps and max(steps) > after_step:
+        if held is None and steps and max(steps) > after_step:
             return proc, _descendants(proc.pid)
         time.sleep(0.1)
     raise AssertionError(f"the run ended before it could be stopped:\n{proc.communicate()[0]}")
@@ -80,10 +87,13 @@ def test_sigterm_then_sigkill_leave_nothing_running_and_resume_takes_over(tmp_pa
         runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
         return [r for r in runs if "mlflow.parentRunId" not in r.data.tags], runs
 
-    # SIGTERM (as `timeout` or systemd send it): prompt exit, runs marked KILLED, no child left
-    proc, children = _start_and_wait_for_checkpoint(args, tmp_path, env)
+    # SIGTERM (as `timeout` or systemd send it) while the step-20 checkpoint is being written:
+    # prompt exit after the step under way, with a checkpoint of it, runs marked KILLED, no child left
+    held = tmp_path / "held"
+    proc, children = _start_and_wait_for_checkpoint(args, tmp_path, env, held=held)
     assert children, "the run started no process (no temporary Prefect server?)"
     proc.send_signal(signal.SIGTERM)
+    held.unlink()  # the checkpoint write goes on; the signal is acted on after the next step
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     assert "stopped by SIGTERM" in out and "--resume" in out
@@ -94,13 +104,15 @@ def test_sigterm_then_sigkill_leave_nothing_running_and_resume_takes_over(tmp_pa
     assert [r.info.status for r in train] == ["KILLED"]
     (run_dir,) = (tmp_path / "work" / "train").glob("*/")
     kept = list_checkpoints(run_dir / "checkpoints")
-    assert kept, "the checkpoint was lost"
+    assert [c.name for c in kept] == ["step-0000020", "step-0000021"], out[-3000:]  # the step it stopped at
+    assert "training stopped at step 21" in out
 
     # SIGKILL of the --resume run, Melos alone (not its process group): its children die with it
     proc, children = _start_and_wait_for_checkpoint(
         [*args, "--resume"], tmp_path, env, after_step=int(kept[-1].name.split("-")[1])
     )
     assert children
+    assert json.loads((run_dir / "run.json").read_text())["start_step"] == 21  # resumed where it was stopped
     proc.kill()
     proc.communicate(timeout=30)
     assert not _wait_gone(children), f"processes outlived the killed run: {_alive(children)}"
