@@ -3,6 +3,7 @@ nothing is lost within the grace period, and a longer outage ends with a clear e
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -73,5 +74,66 @@ def test_metrics_wait_out_an_outage_and_a_long_one_fails_clearly(tmp_path, monke
         message = str(err.value)
         assert uri in message and "grace period 1s" in message and "--resume" in message and "--tracking-grace" in message
     finally:
+        if server.poll() is None:
+            _stop(server)
+
+
+def test_cli_run_failed_by_an_outage_resumes_with_its_whole_history(tmp_path):
+    """`melos pretrain` against a real `mlflow server` that dies mid-training for longer than
+    --tracking-grace: the run fails with the outage line, its checkpoints on disk. With the
+    server back, the same command with --resume finishes, and the resumed run's MLflow history
+    holds every step; the failed run's MLflow runs are marked KILLED, pointing at it."""
+    from mlflow.tracking import MlflowClient
+
+    from mlm_core.checkpoint import list_checkpoints
+    from mlm_core.pause import ENV_MARKER, ENV_POINT
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    steps = 120
+    args = [sys.executable, "-m", "flows.cli", "pretrain", "--max-steps", str(steps), "--checkpoint-every", "10",
+            "--batch-size", "16", "--eval-passes", "1", "--hidden-size", "32", "--layers", "1", "--heads", "2",
+            "--intermediate-size", "64", "--max-length", "64", "--experiment", "outage-cli",
+            "--example", "メロスは[MASK]した。", "--tracking-grace", "2", "--workdir", str(tmp_path / "work")]
+    held = tmp_path / "held"
+    server = _server(port, tmp_path)
+    try:
+        # the server dies while the step-20 checkpoint is being written, and stays away
+        with open(tmp_path / "failed.log", "w") as log:
+            proc = subprocess.Popen(args, cwd=tmp_path, env={**env, ENV_POINT: "checkpoint#2", ENV_MARKER: str(held)},
+                                    stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not held.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert held.exists(), (tmp_path / "failed.log").read_text()[-3000:]
+        _stop(server)
+        held.unlink()
+        assert proc.wait(timeout=300) == 1
+        out = (tmp_path / "failed.log").read_text()
+        assert f"melos: the tracking server at {uri} has not answered" in out and "--resume" in out, out[-3000:]
+        (run_dir,) = [d for d in (tmp_path / "work" / "train").iterdir() if d.is_dir()]
+        kept = list_checkpoints(run_dir / "checkpoints")
+        assert kept and int(kept[-1].name.split("-")[1]) >= 20
+
+        server = _server(port, tmp_path)
+        done = subprocess.run([*args, "--resume", "--json"], cwd=tmp_path, env=env, text=True, capture_output=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        result = json.loads(done.stdout[done.stdout.index("{\n"):done.stdout.rindex("}") + 1])
+        client = MlflowClient(uri)
+        train_run = result["stages"]["train"]
+        assert client.get_run(train_run).data.tags["melos.resumed_from_step"] == kept[-1].name.split("-")[1].lstrip("0")
+        history = client.get_metric_history(train_run, "train/loss")
+        assert sorted(m.step for m in history) == list(range(1, steps + 1))
+        exp = client.get_experiment_by_name("outage-cli")
+        parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+        failed = [p for p in parents if p.info.run_id != result["mlflow_run_id"]]
+        assert [p.info.status for p in failed] == ["KILLED"]
+        assert failed[0].data.tags["melos.taken_over_by"] == result["mlflow_run_id"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
         if server.poll() is None:
             _stop(server)
