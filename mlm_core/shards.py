@@ -26,6 +26,7 @@ needs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -322,32 +323,30 @@ def _map_local(workers: int | None) -> Callable:
     return run
 
 
+def _taking_turns(produce: Callable[..., dict]) -> Callable[..., dict]:
+    """Runs making the same output at once share its parts directory, so they take turns (a
+    lock file beside ``out_dir``); one that waited finds the output finished and returns it."""
+
+    @functools.wraps(produce)
+    def run(docs_dir: Path, doc_ids: Iterable[str], out_dir: Path, cfg: TokenizeConfig, upstream_fingerprint: str,
+            *args, **kwargs) -> dict:
+        doc_ids = list(doc_ids)
+        missing = [d for d in doc_ids if not (docs_dir / f"{d}.txt").is_file()]
+        if missing:  # before the lock file: a failed call leaves nothing behind
+            raise FileNotFoundError(
+                f"document {missing[0]!r} is missing from {docs_dir} ({len(missing)} missing); rerun download"
+            )
+        with exclusive(out_dir.parent / f".{out_dir.name}.lock"):
+            done = out_dir / "manifest.json"
+            if done.is_file() and read_json(done).get("fingerprint") == tokenize_key(upstream_fingerprint, cfg):
+                return read_json(done)
+            return produce(docs_dir, doc_ids, out_dir, cfg, upstream_fingerprint, *args, **kwargs)
+
+    return run
+
+
+@_taking_turns
 def tokenize_corpus(
-    docs_dir: Path,
-    doc_ids: Iterable[str],
-    out_dir: Path,
-    cfg: TokenizeConfig,
-    upstream_fingerprint: str,
-    map_fn: Callable | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict:
-    """Run stage 2 into ``out_dir``; returns the manifest (see ``_tokenize_corpus``).
-
-    Runs making the same output at once share its parts directory, so they take turns (a
-    lock file beside ``out_dir``); one that waited finds the output finished and returns it.
-    """
-    doc_ids = list(doc_ids)
-    missing = [d for d in doc_ids if not (docs_dir / f"{d}.txt").is_file()]
-    if missing:
-        raise FileNotFoundError(f"document {missing[0]!r} is missing from {docs_dir} ({len(missing)} missing); rerun download")
-    with exclusive(out_dir.parent / f".{out_dir.name}.lock"):
-        done = out_dir / "manifest.json"
-        if done.is_file() and read_json(done).get("fingerprint") == tokenize_key(upstream_fingerprint, cfg):
-            return read_json(done)
-        return _tokenize_corpus(docs_dir, doc_ids, out_dir, cfg, upstream_fingerprint, map_fn, progress)
-
-
-def _tokenize_corpus(
     docs_dir: Path,
     doc_ids: Iterable[str],
     out_dir: Path,
