@@ -88,16 +88,16 @@ def pretrain(
                 trained = train_stage(
                     shards=shards, vocab=vocabulary, cfg=train, runtime=runtime, resume=resume, **common
                 )
+                report = evaluate_stage(
+                    shards=shards, vocab=vocabulary, trained=trained, cfg=evaluate, runtime=runtime, **common
+                )
+                published = publish_stage(
+                    documents=documents, shards=shards, vocab=vocabulary, trained=trained, report=report,
+                    cfg=evaluate, runtime=runtime, parent_run_id=parent, register_as=register_as,
+                )
             except tracking.TrackingOutage:
                 lock.leave_record = True  # our MLflow runs stay RUNNING until the next run marks them
                 raise
-            report = evaluate_stage(
-                shards=shards, vocab=vocabulary, trained=trained, cfg=evaluate, runtime=runtime, **common
-            )
-            published = publish_stage(
-                documents=documents, shards=shards, vocab=vocabulary, trained=trained, report=report, cfg=evaluate,
-                runtime=runtime, parent_run_id=parent, register_as=register_as,
-            )
     except tracking.TrackingOutage:
         raise  # the server is away: closing the parent would only wait on it
     except BaseException as exc:

@@ -146,6 +146,7 @@ def publish_stage(
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
+    tracking.check_reachable()  # the uploads would otherwise wait out an outage
     model_dir = Path(trained["model_dir"])
     card_path = Path(trained["dir"]) / CARD_FILE
     atomic_write_json(card_path, build_card(documents, trained, report, parent_run_id, str(flow_run.id), cfg))

@@ -93,6 +93,24 @@ class TrackingOutage(RuntimeError):
     """The tracking server stayed unreachable for longer than the grace period."""
 
 
+def check_reachable(timeout_s: float = 5.0) -> None:
+    """Raise ``TrackingOutage`` at once when the tracking server does not answer at all, rather
+    than let the next MLflow call wait out the client's own HTTP retries (minutes). Any HTTP
+    answer counts as reachable; local stores need no check."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    import httpx
+
+    try:
+        httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+    except httpx.TransportError as exc:
+        raise TrackingOutage(
+            f"the tracking server at {uri} does not answer ({type(exc).__name__}); the outputs so far are on disk: "
+            "once it is back, run the same command again (with --resume if training had begun)"
+        ) from None
+
+
 class BackgroundSender:
     """Sends one run's metrics and tags from a thread, so training never waits on the server.
 
@@ -320,6 +338,7 @@ def mark_taken_over(run_id: str, by_run_id: str) -> list[str]:
 
 
 def start_parent(experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
+    check_reachable()
     ensure_store()
     run = client().create_run(experiment_id(experiment), run_name=run_name, tags={**source_tags(), **tags})
     stores.remember(tracking_uri())
@@ -350,6 +369,7 @@ def stage_run(
 
     ``grace_s``: send metrics in the background, tolerating tracking outages that long (see
     ``StageRun``). After an outage the run is left for the next run to mark (the server is away)."""
+    check_reachable()  # a stage never starts by waiting out an outage
     c = client()
     parent = c.get_run(parent_run_id)
     all_tags = {

@@ -137,3 +137,18 @@ def test_cli_run_failed_by_an_outage_resumes_with_its_whole_history(tmp_path):
             proc.kill()
         if server.poll() is None:
             _stop(server)
+
+
+def test_a_stage_that_starts_while_the_server_is_away_fails_at_once_naming_it(monkeypatch):
+    """No server at the tracking URI: starting the parent or a stage raises the outage error
+    straight away, instead of waiting out the MLflow client's own retries (minutes)."""
+    from tasks.tracking import TrackingOutage, stage_run, start_parent
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(TrackingOutage) as err:
+        start_parent("away", "run", {})
+    assert f"the tracking server at {uri} does not answer" in str(err.value) and "--resume" in str(err.value)
+    with pytest.raises(TrackingOutage):
+        with stage_run("0" * 32, "tokenize"):
+            pass
