@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -42,7 +42,8 @@ def _corpus(root: Path) -> Path:
     from mlm_core.download import download_corpus
 
     manifest = download_corpus(DownloadConfig(), root / "dl", root / "raw")
-    lines = (root / "dl" / "docs" / f"{manifest['documents'][0]['doc_id']}.txt").read_text(encoding="utf-8").splitlines()
+    text = root / "dl" / "docs" / f"{manifest['documents'][0]['doc_id']}.txt"
+    lines = text.read_text(encoding="utf-8").splitlines()
     out = root / "corpus"
     out.mkdir()
     step = len(lines) // 6 + 1
@@ -100,22 +101,21 @@ def _assert_every_finished_looking_output_is_whole(work: Path) -> None:
     for d in _visible_dirs(work / "tokenize"):
         manifest = read_json(d / "manifest.json")
         for split, files in manifest["shards"].items():
-            rows = sum(pq.ParquetFile(d / f["file"]).metadata.num_rows for f in files)
-            assert [f["rows"] for f in files] == [pq.ParquetFile(d / f["file"]).metadata.num_rows for f in files]
-            assert rows == manifest["counts"]["splits"][split]["sentences"], d
+            rows = [pq.ParquetFile(d / f["file"]).metadata.num_rows for f in files]
+            assert rows == [f["rows"] for f in files], d
+            assert sum(rows) == manifest["counts"]["splits"][split]["sentences"], d
         assert pq.read_table(d / manifest["word_counts"]).num_rows == sum(manifest["counts"]["distinct_words"].values())
     for d in _visible_dirs(work / "vocab"):
         manifest = read_json(d / "manifest.json")
         assert len((d / "vocab.txt").read_text(encoding="utf-8").splitlines()) == manifest["counts"]["vocab_size"]
     for d in _visible_dirs(work / "encoded"):
         meta = read_json(d / "meta.json")
-        import numpy as np
-
         assert len(np.load(d / "offsets.npy")) == meta["sequences"] + 1, d
     for run in _visible_dirs(work / "train"):
         for ckpt in [*list_checkpoints(run / "checkpoints"), *([run / "model"] if (run / "model").exists() else [])]:
             files = (CONFIG, VOCAB, MODEL) if ckpt.name == "model" else (CONFIG, VOCAB, MODEL, OPTIMIZER, TRAINER)
             for name in files:
+                assert (ckpt / name).is_file(), ckpt / name
                 if name.endswith(".pt"):
                     torch.load(ckpt / name, weights_only=True)
             assert read_json(ckpt / CONFIG)["step"] >= 1
