@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a training setting, named as its option without the dashes (mask-rate, masking, "
                    "whole-word, hidden-size, ...; --layers is num-layers) or as its TrainConfig field, and the values "
                    "to try; repeatable: every combination is a setting")
-    c.add_argument("--grid-file", metavar="YAML", help="a YAML mapping FIELD: [V1, V2, ...] (instead of or with --grid)")
+    c.add_argument("--grid-file", metavar="YAML", help="a YAML mapping FIELD: [V1, V2, ...] (instead of or with --grid), or a YAML list of "
+                        "settings tried one by one, e.g. [{}, {mask_rate: 0.3}, {whole_word: true}]")
     c.add_argument("--seeds", type=_positive_int, default=1, metavar="N",
                    help="runs per setting, seeds --seed, --seed + 1, ... (default: 1)")
     c.add_argument("--deployment", metavar="FLOW/NAME",
@@ -538,8 +539,9 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def grid_from_args(ns: argparse.Namespace) -> dict[str, list]:
-    """--grid-file first, then --grid options (a --grid FIELD replaces the file's)."""
+def grid_from_args(ns: argparse.Namespace) -> dict[str, list] | list[dict]:
+    """--grid-file first, then --grid options (a --grid FIELD replaces the file's). A file
+    holding a list gives the settings one by one and takes no --grid."""
     from mlm_core.grid import check_grid, parse_grid_arg
 
     grid: dict[str, list] = {}
@@ -550,8 +552,17 @@ def grid_from_args(ns: argparse.Namespace) -> dict[str, list]:
             loaded = yaml.safe_load(Path(ns.grid_file).read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
             raise ValueError(f"--grid-file {ns.grid_file}: {exc}") from None
+        if isinstance(loaded, list):
+            if ns.grid:
+                raise ValueError(f"--grid-file {ns.grid_file} lists its settings one by one; add a setting "
+                                 f"to the file instead of --grid {ns.grid[0]}")
+            try:
+                return check_grid(loaded)
+            except ValueError as exc:
+                raise ValueError(f"--grid-file {ns.grid_file}: {exc}") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"--grid-file {ns.grid_file}: expected a mapping FIELD: [V1, V2], got {type(loaded).__name__}")
+            raise ValueError(f"--grid-file {ns.grid_file}: expected a mapping FIELD: [V1, V2] or a list of "
+                             f"settings, got {type(loaded).__name__}")
         grid.update({str(k): v if isinstance(v, list) else [v] for k, v in loaded.items()})
     for text in ns.grid:
         field, values = parse_grid_arg(text)
