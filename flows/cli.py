@@ -68,6 +68,7 @@ _OPTIONS: list[tuple[str, type[BaseModel], str, str, dict]] = [
     ("runtime", RuntimeConfig, "num_threads", "--threads", {"type": int}),
     ("runtime", RuntimeConfig, "compile", "--compile", {"action": "store_true"}),
     ("runtime", RuntimeConfig, "prefetch", "--prefetch", {"type": int}),
+    ("runtime", RuntimeConfig, "loader_workers", "--loader-workers", {"type": int}),
     ("runtime", RuntimeConfig, "peak_tflops", "--peak-tflops", {"type": float}),
     ("runtime", RuntimeConfig, "nproc_per_node", "--nproc-per-node", {"type": int}),
     ("runtime", RuntimeConfig, "nnodes", "--nnodes", {"type": int}),
