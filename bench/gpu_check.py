@@ -13,7 +13,8 @@ fugashi), so it runs on a bare GPU image. The data is an encoded corpus the pipe
 
 Prints ``name=value`` lines as each part finishes (a part that would overrun ``--budget-s``
 is skipped and says so). Throughput is useful (non-padding) tokens per second through
-forward, backward and optimizer step, after ``--warmup-steps``.
+forward, backward and optimizer step, after ``--warmup-steps``. Ours runs twice per shape:
+batches collated by one background thread, and by the default on CUDA, worker processes.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def after_warmup(rows: list[tuple[float, float]], warmup: int) -> float:
     return sum(t for t, _ in kept) / sum(t / r for t, r in kept if r > 0)
 
 
-def ours(data, shape: dict, tokens: int, steps: int, warmup: int, device: str, **runtime) -> tuple[float, float, object]:
-    """(useful tokens/s, mean MFU after warm-up, the trained model)."""
+def ours(data, shape: dict, tokens: int, steps: int, warmup: int, device: str, **runtime):
+    """(useful tokens/s, mean MFU after warm-up, the trained model, useful tokens trained on)."""
     cfg = TrainConfig(**shape, tokens_per_batch=tokens, max_steps=steps, learning_rate=1e-3, warmup_ratio=0.06,
                       checkpoint_every=10**9, log_every=1)
     rec = Rates()
@@ -76,7 +77,7 @@ def ours(data, shape: dict, tokens: int, steps: int, warmup: int, device: str, *
         model, _ = load_pretrained(result.model_dir)
     kept = rec.steps[warmup:] or rec.steps
     rate = after_warmup([(m["train/tokens"], m["train/tokens_per_s"]) for m in rec.steps], warmup)
-    return rate, sum(m["train/mfu"] for m in kept) / len(kept), model
+    return rate, sum(m["train/mfu"] for m in kept) / len(kept), model, sum(m["train/tokens"] for m in rec.steps)
 
 
 def main() -> None:
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--quality-steps", type=int, default=150, help="steps of the bf16-vs-fp32 quality runs")
     ap.add_argument("--eval-sentences", type=int, default=2000)
     ap.add_argument("--budget-s", type=float, default=330.0)
+    ap.add_argument("--only-quality", action="store_true", help="skip the throughput part")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to try the script out (tiny --steps)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -119,11 +121,15 @@ def main() -> None:
     order = sentence_order(data)
     mean_len = data.train.num_tokens / len(data.train) + 2
     for name, shape in SHAPES.items():
-        if left(args.budget_s) < 60:
-            print(f"# skipped {name}: budget", flush=True)
+        if args.only_quality or left(args.budget_s) < 60:
+            print(f"# skipped {name}: --only-quality or budget", flush=True)
             continue
-        rate, mfu, _ = ours(data, shape, args.tokens_per_step, args.steps, args.warmup_steps, args.device)
-        say(f"{name}_ours_bf16_tokens_per_s", rate)
+        rate_t, mfu_t, _, _ = ours(data, shape, args.tokens_per_step, args.steps, args.warmup_steps, args.device,
+                                loader_workers=0)
+        say(f"{name}_ours_bf16_thread_loader_tokens_per_s", rate_t)
+        say(f"{name}_ours_bf16_thread_loader_mfu", mfu_t)
+        rate, mfu, _, _ = ours(data, shape, args.tokens_per_step, args.steps, args.warmup_steps, args.device)
+        say(f"{name}_ours_bf16_tokens_per_s", rate)  # the default: collating worker processes on CUDA
         say(f"{name}_ours_bf16_mfu", mfu)
         hf_total = max(1, math.ceil(args.steps * args.tokens_per_step / (rows * mean_len)))
         for kind, batches in (("padded", padded_examples(data, order, rows)),
@@ -134,25 +140,35 @@ def main() -> None:
             say(f"{name}_hf_{kind}_bf16_tokens_per_s", hf_rate)
             say(f"{name}_speedup_vs_hf_{kind}", rate / hf_rate)
         if name == "base" and left(args.budget_s) > 90:
-            rate_c, mfu_c, _ = ours(data, shape, args.tokens_per_step, args.steps + 10, args.warmup_steps + 10,
+            rate_c, mfu_c, _, _ = ours(data, shape, args.tokens_per_step, args.steps + 10, args.warmup_steps + 10,
                                     args.device, compile=True)
             say("base_ours_bf16_compile_tokens_per_s", rate_c)
             say("base_ours_bf16_compile_mfu", mfu_c)
         if cuda:
             torch.cuda.empty_cache()
 
-    # bf16 autocast against fp32 (TF32 matmuls): the same steps, data and seed; held-out loss
+    # bf16 autocast against fp32 (TF32 matmuls): the same steps, data and seed; both scored in fp32,
+    # so only the training precision differs; and HF packed (bf16) trained on as many useful tokens
+    tokens_seen = None
     for precision in ("bf16", "fp32"):
         if left(args.budget_s) < 45:
             print(f"# skipped quality {precision}: budget", flush=True)
             continue
-        rate, _, model = ours(data, SHAPES["small"], args.tokens_per_step, args.quality_steps, args.warmup_steps,
+        rate, _, model, tokens_seen = ours(data, SHAPES["small"], args.tokens_per_step, args.quality_steps, args.warmup_steps,
                               args.device, precision=precision)
-        model.to(dev)
-        loss = heldout_loss(lambda i, m: model(i, attention_mask=m)[0], data, args.eval_sentences, dev,
-                            torch.bfloat16 if precision == "bf16" else None)
+        model.to(dev).float()
+        loss = heldout_loss(lambda i, m: model(i, attention_mask=m)[0], data, args.eval_sentences, dev)
         say(f"quality_small_{precision}_tokens_per_s", rate)
         say(f"quality_small_{precision}_heldout_loss", loss)
+    if tokens_seen and left(args.budget_s) > 60:
+        packed_total = max(1, math.ceil(tokens_seen / (rows * 128)))
+        hf_model, _, seen = hf_train(data, vocab_file, grouped_examples(data, order, rows), args.warmup_steps,
+                                     packed_total, tokens_seen, packed_total, shape=SHAPES["small"], device=dev,
+                                     amp_dtype=torch.bfloat16)
+        hf_model.float()
+        say("quality_small_hf_packed_bf16_heldout_loss",
+            heldout_loss(lambda i, m: hf_model(input_ids=i, attention_mask=m).logits, data, args.eval_sentences, dev))
+        say("quality_small_hf_packed_tokens", seen)
     say("seconds", time.perf_counter() - STARTED)
     if cuda:
         say("peak_gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30)
