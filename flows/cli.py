@@ -423,6 +423,27 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+class _StoppedExit(int):
+    """The exit status of a command stopped by a signal (128 + its number)."""
+
+
+def _run_flow(flow_fn, hint: str, **params):
+    """Call a flow with Melos' own temporary Prefect server (unless PREFECT_API_URL names one)
+    and SIGTERM turned into an exception, so a stopped command marks its MLflow runs KILLED and
+    leaves no process behind. Returns the flow's result, or the exit status when stopped."""
+    from flows.server import prefect_server
+    from tasks.children import Stopped, stop_on_sigterm
+
+    try:
+        with stop_on_sigterm(), prefect_server():
+            return flow_fn(**params)
+    except KeyboardInterrupt as exc:
+        signame = signal.Signals(exc.signum).name if isinstance(exc, Stopped) else "SIGINT"
+        print(f"melos: stopped by {signame}; checkpoints written so far are kept and the MLflow runs are marked "
+              f"KILLED; {hint}", file=sys.stderr)
+        return _StoppedExit(128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT))
+
+
 def cmd_pretrain(ns: argparse.Namespace) -> int:
     try:
         configs = configs_from_args(ns)
@@ -439,24 +460,17 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
     except SourceError as exc:
         raise SystemExit(f"melos: {exc}") from None
     from flows.pretrain import pretrain
-    from flows.server import prefect_server
-    from tasks.children import Stopped, stop_on_sigterm
     from tasks.locks import RunBusyError
     from tasks.tracking import TrackingOutage
 
     try:
-        with stop_on_sigterm(), prefect_server():
-            result = pretrain(
-                **configs, workdir=ns.workdir, experiment=ns.experiment, resume=ns.resume,
-                register_as=ns.register_as, on_busy=ns.on_busy,
-            )
+        result = _run_flow(pretrain, "run the same command with --resume to continue",
+                           **configs, workdir=ns.workdir, experiment=ns.experiment, resume=ns.resume,
+                           register_as=ns.register_as, on_busy=ns.on_busy)
     except (SourceError, RunBusyError, TrackingOutage) as exc:  # the traceback is in the flow run's log already; one line here
         raise SystemExit(f"melos: {exc}") from None
-    except KeyboardInterrupt as exc:
-        signame = signal.Signals(exc.signum).name if isinstance(exc, Stopped) else "SIGINT"
-        print(f"melos: stopped by {signame}; checkpoints written so far are kept and the MLflow runs are marked "
-              "KILLED; run the same command with --resume to continue", file=sys.stderr)
-        return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
+    if isinstance(result, _StoppedExit):
+        return result
     if ns.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return 0
@@ -522,13 +536,16 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     from flows.evaluate_corpus import evaluate_corpus
 
     try:
-        result = evaluate_corpus(
+        result = _run_flow(
+            evaluate_corpus, "run the same command again (finished stages are cached)",
             model_dir=str(model_dir), model_run_id=model_run_id, download=configs["download"],
             tokenize=configs["tokenize"], evaluate=evaluate, runtime=configs["runtime"], workdir=ns.workdir,
             experiment=ns.experiment,
         )
     except (SourceError, ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"melos: {exc}") from None
+    if isinstance(result, _StoppedExit):
+        return result
     if ns.json:
         print(json.dumps(result["metrics"], ensure_ascii=False, indent=2))
         return 0
@@ -592,8 +609,11 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         raise SystemExit(f"melos: {exc}") from None
     from flows.compare import compare
 
-    result = compare(grid=grid, seeds=ns.seeds, **configs, workdir=ns.workdir, experiment=ns.experiment,
-                     deployment=ns.deployment)
+    result = _run_flow(compare, "run the same command again (finished data stages are reused)",
+                       grid=grid, seeds=ns.seeds, **configs, workdir=ns.workdir, experiment=ns.experiment,
+                       deployment=ns.deployment)
+    if isinstance(result, _StoppedExit):
+        return result
     if ns.json:
         print(json.dumps({"mlflow_run_id": result["mlflow_run_id"], "rows": result["rows"]}, ensure_ascii=False, indent=2))
         return 0

@@ -62,8 +62,8 @@ def compare_setting(
         tracking.StageRun(run_id).log_params({"train": train.model_dump(), "evaluate": evaluate.model_dump()})
         trained = train_stage(shards=shards, vocab=vocab, cfg=train, runtime=runtime, resume=False, **common)
         report = evaluate_stage(shards=shards, vocab=vocab, trained=trained, cfg=evaluate, runtime=runtime, **common)
-    except BaseException:
-        tracking.end_run(run_id, "FAILED")
+    except BaseException as exc:  # KILLED when stopped (Ctrl-C, SIGTERM), else FAILED
+        tracking.end_run(run_id, tracking.end_status(exc))
         raise
     tracking.end_run(run_id, "FINISHED")
     return {"label": label, "seed": train.seed, "mlflow_run_id": run_id, "metrics": report["metrics"],
@@ -178,8 +178,8 @@ def compare(
         order = {label: i for i, (label, _, _) in enumerate(jobs_cfg)}
         results.sort(key=lambda r: (order.get(r["label"], len(order)), r["seed"]))
         report = _report(parent, results, grid, seeds, train)
-    except BaseException:
-        tracking.end_run(parent, "FAILED")
+    except BaseException as exc:  # KILLED when stopped (Ctrl-C, SIGTERM), else FAILED
+        tracking.end_run(parent, tracking.end_status(exc))
         raise
     tracking.end_run(parent, "FINISHED")
     return {"mlflow_run_id": parent, "runs": results, **report}
