@@ -25,24 +25,19 @@ import math
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aozora_data import Prepared, prepare  # noqa: E402
+from aozora_data import prepare  # noqa: E402
+from hf_baseline import grouped_examples, heldout_loss, hf_train, padded_examples, sentence_order  # noqa: E402
+
+from hf_baseline import LR, SHAPE, WARMUP  # noqa: E402
 
 from mlm_core.config import RuntimeConfig, TrainConfig  # noqa: E402
-from mlm_core.data import fixed_eval_batches  # noqa: E402
-from mlm_core.masking import IGNORE_INDEX, MaskSpec  # noqa: E402
-from mlm_core.schedule import lr_factor  # noqa: E402
 from mlm_core.checkpoint import load_pretrained  # noqa: E402
 from mlm_core.train import TrainCallback, train_model  # noqa: E402
-
-SHAPE = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024, max_length=128)
-LR, WARMUP = 1e-3, 0.06
 
 
 class StepTimes(TrainCallback):
@@ -56,96 +51,6 @@ class StepTimes(TrainCallback):
 def rate_after_warmup(steps: list[tuple[float, float]], warmup: int) -> float:
     kept = steps[warmup:] or steps
     return sum(t for t, _ in kept) / sum(t / r for t, r in kept if r > 0)
-
-
-@torch.no_grad()
-def heldout_loss(forward, data: Prepared, n_sentences: int) -> float:
-    """Mean masked-token loss on the first ``n_sentences`` held-out sentences, fixed 15% masks."""
-    spec = MaskSpec(rate=0.15, mask_token_prob=1.0, random_token_prob=0.0)
-    total, count = 0.0, 0
-    chosen = np.arange(min(n_sentences, len(data.heldout)))
-    for b in fixed_eval_batches(data.heldout, data.tokenizer, spec, 1234, 64, 1, chosen):
-        logits = forward(torch.from_numpy(b.input_ids), torch.from_numpy(b.attention_mask))
-        labels = torch.from_numpy(b.labels)
-        scored = labels != IGNORE_INDEX
-        total += float(torch.nn.functional.cross_entropy(logits[scored].float(), labels[scored], reduction="sum"))
-        count += int(scored.sum())
-    return total / count
-
-
-def hf_setup(data: Prepared, vocab_file: Path):
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast, DataCollatorForLanguageModeling
-
-    hf_tok = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=False, tokenize_chinese_chars=False)
-    config = BertConfig(vocab_size=len(data.tokenizer), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=1024, max_position_embeddings=128, pad_token_id=data.tokenizer.pad_id)
-    torch.manual_seed(0)
-    model = BertForMaskedLM(config)
-    collator = DataCollatorForLanguageModeling(hf_tok, mlm=True, mlm_probability=0.15, return_tensors="pt")
-    return model, collator
-
-
-def sentence_order(data: Prepared, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).permutation(len(data.train))
-
-
-def with_specials(data: Prepared, i: int) -> list[int]:
-    return [data.tokenizer.cls_id, *data.train[int(i)].tolist(), data.tokenizer.sep_id]
-
-
-def padded_examples(data: Prepared, order: np.ndarray, rows: int):
-    """The notebook's batches: ``rows`` sentences, each padded to 128; yields (features, useful tokens)."""
-    for start in range(0, len(order), rows):
-        feats, useful = [], 0
-        for i in order[start : start + rows]:
-            ids = with_specials(data, i)
-            useful += len(ids)
-            feats.append({"input_ids": ids + [data.tokenizer.pad_id] * (128 - len(ids)),
-                          "attention_mask": [1] * len(ids) + [0] * (128 - len(ids))})
-        yield feats, useful
-
-
-def grouped_examples(data: Prepared, order: np.ndarray, rows: int):
-    """run_mlm's group_texts: sentences concatenated, cut into 128-token blocks, ``rows`` a batch."""
-    buffer: list[int] = []
-    feats: list[dict] = []
-    for i in order:
-        buffer += with_specials(data, i)
-        while len(buffer) >= 128:
-            feats.append({"input_ids": buffer[:128], "attention_mask": [1] * 128})
-            buffer = buffer[128:]
-            if len(feats) == rows:
-                yield feats, rows * 128
-                feats = []
-
-
-def hf_train(data: Prepared, vocab_file: Path, batches, warmup: int, max_steps: int, train_tokens: int | None,
-             total_steps: int):
-    model, collator = hf_setup(data, vocab_file)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
-                            lr=LR, eps=1e-6)
-    model.train()
-    times: list[tuple[float, float]] = []
-    seen = 0
-    for step, (feats, useful) in enumerate(batches):
-        t0 = time.perf_counter()
-        batch = collator(feats)
-        for g in opt.param_groups:
-            g["lr"] = LR * lr_factor(step, total_steps, max(1, math.ceil(WARMUP * total_steps)))
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        dt = time.perf_counter() - t0
-        times.append((useful, useful / dt))
-        seen += useful
-        if (train_tokens is None and step + 1 >= max_steps) or (train_tokens is not None and seen >= train_tokens):
-            break
-    model.eval()
-    return model, times, seen
 
 
 def main() -> None:

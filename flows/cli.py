@@ -69,6 +69,7 @@ _OPTIONS: list[tuple[str, type[BaseModel], str, str, dict]] = [
     ("runtime", RuntimeConfig, "num_threads", "--threads", {"type": int}),
     ("runtime", RuntimeConfig, "compile", "--compile", {"action": "store_true"}),
     ("runtime", RuntimeConfig, "prefetch", "--prefetch", {"type": int}),
+    ("runtime", RuntimeConfig, "loader_workers", "--loader-workers", {"type": int}),
     ("runtime", RuntimeConfig, "peak_tflops", "--peak-tflops", {"type": float}),
     ("runtime", RuntimeConfig, "nproc_per_node", "--nproc-per-node", {"type": int}),
     ("runtime", RuntimeConfig, "nnodes", "--nnodes", {"type": int}),
@@ -249,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a training setting, named as its option without the dashes (mask-rate, masking, "
                    "whole-word, hidden-size, ...; --layers is num-layers) or as its TrainConfig field, and the values "
                    "to try; repeatable: every combination is a setting")
-    c.add_argument("--grid-file", metavar="YAML", help="a YAML mapping FIELD: [V1, V2, ...] (instead of or with --grid)")
+    c.add_argument("--grid-file", metavar="YAML", help="a YAML mapping FIELD: [V1, V2, ...] (instead of or with --grid), or a YAML list of "
+                        "settings tried one by one, e.g. [{}, {mask_rate: 0.3}, {whole_word: true}]")
     c.add_argument("--seeds", type=_positive_int, default=1, metavar="N",
                    help="runs per setting, seeds --seed, --seed + 1, ... (default: 1)")
     c.add_argument("--deployment", metavar="FLOW/NAME",
@@ -422,6 +424,27 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+class _StoppedExit(int):
+    """The exit status of a command stopped by a signal (128 + its number)."""
+
+
+def _run_flow(flow_fn, hint: str, **params):
+    """Call a flow with Melos' own temporary Prefect server (unless PREFECT_API_URL names one)
+    and SIGTERM turned into an exception, so a stopped command marks its MLflow runs KILLED and
+    leaves no process behind. Returns the flow's result, or the exit status when stopped."""
+    from flows.server import prefect_server
+    from tasks.children import Stopped, stop_on_sigterm
+
+    try:
+        with stop_on_sigterm(), prefect_server():
+            return flow_fn(**params)
+    except KeyboardInterrupt as exc:
+        signame = signal.Signals(exc.signum).name if isinstance(exc, Stopped) else "SIGINT"
+        print(f"melos: stopped by {signame}; checkpoints written so far are kept and the MLflow runs are marked "
+              f"KILLED; {hint}", file=sys.stderr)
+        return _StoppedExit(128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT))
+
+
 def cmd_pretrain(ns: argparse.Namespace) -> int:
     try:
         configs = configs_from_args(ns)
@@ -438,24 +461,17 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
     except SourceError as exc:
         raise SystemExit(f"melos: {exc}") from None
     from flows.pretrain import pretrain
-    from flows.server import prefect_server
-    from tasks.children import Stopped, stop_on_sigterm
     from tasks.locks import RunBusyError
     from tasks.tracking import TrackingOutage
 
     try:
-        with stop_on_sigterm(), prefect_server():
-            result = pretrain(
-                **configs, workdir=ns.workdir, experiment=ns.experiment, resume=ns.resume,
-                register_as=ns.register_as, on_busy=ns.on_busy,
-            )
+        result = _run_flow(pretrain, "run the same command with --resume to continue",
+                           **configs, workdir=ns.workdir, experiment=ns.experiment, resume=ns.resume,
+                           register_as=ns.register_as, on_busy=ns.on_busy)
     except (SourceError, RunBusyError, TrackingOutage) as exc:  # the traceback is in the flow run's log already; one line here
         raise SystemExit(f"melos: {exc}") from None
-    except KeyboardInterrupt as exc:
-        signame = signal.Signals(exc.signum).name if isinstance(exc, Stopped) else "SIGINT"
-        print(f"melos: stopped by {signame}; checkpoints written so far are kept and the MLflow runs are marked "
-              "KILLED; run the same command with --resume to continue", file=sys.stderr)
-        return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
+    if isinstance(result, _StoppedExit):
+        return result
     if ns.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return 0
@@ -521,13 +537,16 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     from flows.evaluate_corpus import evaluate_corpus
 
     try:
-        result = evaluate_corpus(
+        result = _run_flow(
+            evaluate_corpus, "run the same command again (finished stages are cached)",
             model_dir=str(model_dir), model_run_id=model_run_id, download=configs["download"],
             tokenize=configs["tokenize"], evaluate=evaluate, runtime=configs["runtime"], workdir=ns.workdir,
             experiment=ns.experiment,
         )
     except (SourceError, ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"melos: {exc}") from None
+    if isinstance(result, _StoppedExit):
+        return result
     if ns.json:
         print(json.dumps(result["metrics"], ensure_ascii=False, indent=2))
         return 0
@@ -539,8 +558,9 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def grid_from_args(ns: argparse.Namespace) -> dict[str, list]:
-    """--grid-file first, then --grid options (a --grid FIELD replaces the file's)."""
+def grid_from_args(ns: argparse.Namespace) -> dict[str, list] | list[dict]:
+    """--grid-file first, then --grid options (a --grid FIELD replaces the file's). A file
+    holding a list gives the settings one by one and takes no --grid."""
     from mlm_core.grid import check_grid, parse_grid_arg
 
     grid: dict[str, list] = {}
@@ -551,8 +571,17 @@ def grid_from_args(ns: argparse.Namespace) -> dict[str, list]:
             loaded = yaml.safe_load(Path(ns.grid_file).read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
             raise ValueError(f"--grid-file {ns.grid_file}: {exc}") from None
+        if isinstance(loaded, list):
+            if ns.grid:
+                raise ValueError(f"--grid-file {ns.grid_file} lists its settings one by one; add a setting "
+                                 f"to the file instead of --grid {ns.grid[0]}")
+            try:
+                return check_grid(loaded)
+            except ValueError as exc:
+                raise ValueError(f"--grid-file {ns.grid_file}: {exc}") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"--grid-file {ns.grid_file}: expected a mapping FIELD: [V1, V2], got {type(loaded).__name__}")
+            raise ValueError(f"--grid-file {ns.grid_file}: expected a mapping FIELD: [V1, V2] or a list of "
+                             f"settings, got {type(loaded).__name__}")
         grid.update({str(k): v if isinstance(v, list) else [v] for k, v in loaded.items()})
     for text in ns.grid:
         field, values = parse_grid_arg(text)
@@ -581,8 +610,11 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         raise SystemExit(f"melos: {exc}") from None
     from flows.compare import compare
 
-    result = compare(grid=grid, seeds=ns.seeds, **configs, workdir=ns.workdir, experiment=ns.experiment,
-                     deployment=ns.deployment)
+    result = _run_flow(compare, "run the same command again (finished data stages are reused)",
+                       grid=grid, seeds=ns.seeds, **configs, workdir=ns.workdir, experiment=ns.experiment,
+                       deployment=ns.deployment)
+    if isinstance(result, _StoppedExit):
+        return result
     if ns.json:
         print(json.dumps({"mlflow_run_id": result["mlflow_run_id"], "rows": result["rows"]}, ensure_ascii=False, indent=2))
         return 0

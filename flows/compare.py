@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 
 from mlm_core.config import DownloadConfig, EvalConfig, RuntimeConfig, TokenizeConfig, TrainConfig, VocabConfig
 from mlm_core.download import download_key
-from mlm_core.grid import csv_table, markdown_table, setting_configs, summarise
+from mlm_core.grid import as_params, csv_table, describe, markdown_table, setting_configs, summarise
 from mlm_core.shards import tokenize_key
 from mlm_core.vocab import vocab_key
 from tasks import tracking
@@ -62,8 +62,8 @@ def compare_setting(
         tracking.StageRun(run_id).log_params({"train": train.model_dump(), "evaluate": evaluate.model_dump()})
         trained = train_stage(shards=shards, vocab=vocab, cfg=train, runtime=runtime, resume=False, **common)
         report = evaluate_stage(shards=shards, vocab=vocab, trained=trained, cfg=evaluate, runtime=runtime, **common)
-    except BaseException:
-        tracking.end_run(run_id, "FAILED")
+    except BaseException as exc:  # KILLED when stopped (Ctrl-C, SIGTERM), else FAILED
+        tracking.end_run(run_id, tracking.end_status(exc))
         raise
     tracking.end_run(run_id, "FINISHED")
     return {"label": label, "seed": train.seed, "mlflow_run_id": run_id, "metrics": report["metrics"],
@@ -118,7 +118,7 @@ def collect_results(comparison_run_id: str) -> list[dict]:
 
 @flow(name="compare", description="Compare training settings on one prepared dataset, over several seeds.")
 def compare(
-    grid: dict[str, list],
+    grid: dict[str, list] | list[dict[str, Any]],
     seeds: int = 1,
     download: DownloadConfig = DownloadConfig(),
     tokenize: TokenizeConfig = TokenizeConfig(),
@@ -133,7 +133,8 @@ def compare(
     """Prepare the data once, train and evaluate every setting x seed, and report.
 
     Args:
-        grid: training setting name -> values to try (every combination is a setting).
+        grid: training setting name -> values to try (every combination is a setting), or a list
+            of settings, each a mapping of the fields it changes ({} = the shared settings alone).
         seeds: runs per setting, with seeds train.seed, train.seed + 1, ...
         download: corpus sources. tokenize: sentence split and held-out share. vocab: WordPiece vocabulary.
         train: the settings every run shares (the grid overrides its fields).
@@ -154,7 +155,7 @@ def compare(
     common = {"workdir": workdir, "parent_run_id": parent}
     try:
         tracking.StageRun(parent).log_params(
-            {"grid": {k: list(map(str, v)) for k, v in grid.items()}, "seeds": seeds, "train": train.model_dump(),
+            {"grid": as_params(grid), "seeds": seeds, "train": train.model_dump(),
              "evaluate": evaluate.model_dump(), "download": download.model_dump(), "workdir": workdir}
         )
         documents = data_stage(download_stage, "download", download_key(download), cfg=download, **common)
@@ -177,14 +178,14 @@ def compare(
         order = {label: i for i, (label, _, _) in enumerate(jobs_cfg)}
         results.sort(key=lambda r: (order.get(r["label"], len(order)), r["seed"]))
         report = _report(parent, results, grid, seeds, train)
-    except BaseException:
-        tracking.end_run(parent, "FAILED")
+    except BaseException as exc:  # KILLED when stopped (Ctrl-C, SIGTERM), else FAILED
+        tracking.end_run(parent, tracking.end_status(exc))
         raise
     tracking.end_run(parent, "FINISHED")
     return {"mlflow_run_id": parent, "runs": results, **report}
 
 
-def _report(parent: str, results: list[dict], grid: dict, seeds: int, train: TrainConfig) -> dict:
+def _report(parent: str, results: list[dict], grid: dict | list, seeds: int, train: TrainConfig) -> dict:
     from tasks.compare_plots import accuracy_bars, loss_curves, pos_bars
 
     metrics = [m for m in TABLE_METRICS if any(m in r["metrics"] for r in results)]
@@ -194,7 +195,7 @@ def _report(parent: str, results: list[dict], grid: dict, seeds: int, train: Tra
     steps = train.max_steps if train.max_steps else f"{train.epochs:g} epochs"
     md = "\n".join([
         "# Melos comparison", "",
-        f"- **grid**: {', '.join(f'{k} = {list(v)}' for k, v in grid.items())}",
+        f"- **grid**: {describe(grid)}",
         f"- **seeds per setting**: {seeds} (from {train.seed}); **budget per run**: {steps} steps, same data and masks for evaluation",
         "- values are mean ± sample standard deviation over seeds; a difference smaller than the spreads is noise",
         "", table, "",

@@ -70,8 +70,8 @@ def evaluate_corpus(
             documents=documents, cfg=tokenize, **common,
         )
         result = score_corpus(shards=shards, model_dir=model_dir, cfg=evaluate, runtime=runtime, **common)
-    except BaseException:
-        tracking.end_run(parent, "FAILED")
+    except BaseException as exc:  # KILLED when stopped (Ctrl-C, SIGTERM), else FAILED
+        tracking.end_run(parent, tracking.end_status(exc))
         raise
     tracking.end_run(parent, "FINISHED")
     return {"mlflow_run_id": parent, "model_run_id": model_run_id, **result}

@@ -284,6 +284,13 @@ class RuntimeConfig(_Config):
     prefetch: int = Field(
         2, ge=0, description="Optimizer steps of batches a background thread prepares ahead (0: none)."
     )
+    loader_workers: int | None = Field(
+        None,
+        ge=0,
+        description="Processes that collate (mask and pack) training batches, for a GPU that trains faster "
+        "than one thread collates; 0: a background thread. None: 0 on CPU, on CUDA up to 4 (the CPUs per "
+        "training process, less one).",
+    )
     peak_tflops: float | None = Field(
         None,
         gt=0,

@@ -16,6 +16,9 @@ from pydantic import ValidationError
 
 from .config import TrainConfig
 
+# FIELD -> values (a full factorial grid), or settings listed one by one.
+Grid = Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]
+
 # What a grid may not vary: compute must be the same for every setting, seeds come from --seeds.
 NOT_GRIDDABLE = ("seed", "max_steps", "epochs", "budget_minutes", "checkpoint_every", "keep_checkpoints", "log_every")
 
@@ -30,22 +33,39 @@ def parse_grid_arg(text: str) -> tuple[str, list[str]]:
     return field, items
 
 
-def check_grid(grid: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
-    """Field names must be TrainConfig's; at least one value each; no compute-changing field."""
+def _check_field(field: str) -> None:
+    if field not in TrainConfig.model_fields:
+        raise ValueError(
+            f"--grid {field}: not a training setting; use one of {', '.join(sorted(TrainConfig.model_fields))}"
+        )
+    if field in NOT_GRIDDABLE:
+        raise ValueError(
+            f"--grid {field}: every setting gets the same steps and seeds; set it for all runs "
+            f"(e.g. --max-steps, --seeds) instead"
+        )
+
+
+def check_grid(grid: Grid) -> dict[str, list[Any]] | list[dict[str, Any]]:
+    """A mapping FIELD -> values (every combination is a setting), or a list of settings given
+    one by one (``[{}, {mask_rate: 0.3}, {whole_word: true}]``: ``{}`` is the shared settings
+    alone). Field names must be TrainConfig's; no compute-changing field."""
     if not grid:
         raise ValueError("the grid is empty: give at least one --grid FIELD=V1,V2 (or a --grid-file)")
-    fields = TrainConfig.model_fields
+    if not isinstance(grid, Mapping):
+        listed = []
+        for item in grid:
+            if not isinstance(item, Mapping):
+                raise ValueError(f"a listed setting must be a mapping FIELD: VALUE, got {item!r}")
+            for field in item:
+                _check_field(str(field))
+            listed.append({str(k): v for k, v in item.items()})
+        labels = [label(s) for s in listed]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"the listed settings repeat one: {', '.join(labels)}")
+        return listed
     out = {}
     for field, values in grid.items():
-        if field not in fields:
-            raise ValueError(
-                f"--grid {field}: not a training setting; use one of {', '.join(sorted(fields))}"
-            )
-        if field in NOT_GRIDDABLE:
-            raise ValueError(
-                f"--grid {field}: every setting gets the same steps and seeds; set it for all runs "
-                f"(e.g. --max-steps, --seeds) instead"
-            )
+        _check_field(field)
         values = list(values) if isinstance(values, (list, tuple)) else [values]
         if not values:
             raise ValueError(f"--grid {field}: give at least one value")
@@ -53,17 +73,34 @@ def check_grid(grid: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
     return out
 
 
-def settings(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """Every combination of the grid's values, in the order given."""
+def describe(grid: Grid) -> str:
+    """One line for reports: ``mask_rate = [0.15, 0.3]`` or the listed settings."""
+    if isinstance(grid, Mapping):
+        return ", ".join(f"{k} = {list(v)}" for k, v in grid.items())
+    return "settings " + "; ".join(label(s) for s in grid)
+
+
+def as_params(grid: Grid) -> dict[str, list[str]] | list[dict[str, str]]:
+    """The grid with values as strings, for MLflow params."""
+    if isinstance(grid, Mapping):
+        return {k: list(map(str, v)) for k, v in grid.items()}
+    return [{k: str(v) for k, v in s.items()} for s in grid]
+
+
+def settings(grid: Grid) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, in the order given (a list: its settings)."""
+    if not isinstance(grid, Mapping):
+        return [dict(s) for s in grid]
     names = list(grid)
     return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
 
 
 def label(setting: Mapping[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in setting.items())
+    """``mask_rate=0.3 masking=static``; ``baseline`` for the shared settings alone."""
+    return " ".join(f"{k}={v}" for k, v in setting.items()) or "baseline"
 
 
-def setting_configs(base: TrainConfig, grid: Mapping[str, Sequence[Any]], seeds: int) -> list[tuple[str, int, TrainConfig]]:
+def setting_configs(base: TrainConfig, grid: Grid, seeds: int) -> list[tuple[str, int, TrainConfig]]:
     """(label, seed, config) of each setting x seed; seeds are base.seed, base.seed + 1, ...
     so every setting sees the same seeds. Invalid values fail here, before any training."""
     if seeds < 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from . import distributed
 from .config import RuntimeConfig, TrainConfig
 from .data import EncodedCorpus
 from .io import atomic_write_json, fingerprint
-from .loader import Prefetcher, step_batches
+from .loader import Prefetcher, StepSource, WorkerLoader, iter_steps
 from .mask_schedule import parse_rate
 from .masking import MaskSpec
 from .model import BertForMaskedLM, ModelConfig
@@ -108,6 +109,17 @@ def resolve_device(runtime: RuntimeConfig) -> tuple[torch.device, torch.dtype | 
     if runtime.precision == "bf16" or (runtime.precision == "auto" and use_cuda):
         return device, torch.bfloat16
     return device, None
+
+
+def loader_workers(runtime: RuntimeConfig, device: torch.device, local_world: int = 1) -> int:
+    """Collating processes: the setting, else none on CPU (the cores train) and on CUDA up to 4,
+    leaving one CPU per training process to drive its GPU."""
+    if runtime.loader_workers is not None:
+        return runtime.loader_workers
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cpus // max(1, local_world) - 1))
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
@@ -257,14 +269,11 @@ def train_model(
     autocast = (
         (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     )
-    loader = Prefetcher(
-        step_batches(
-            plan, corpus, tokenizer, spec, max_length=cfg.max_length, grad_accum=cfg.grad_accum,
-            start_step=start_step, stop_step=total_steps, static_masking=cfg.masking == "static",
-            rank=dist_info.rank, world=dist_info.world, rate_schedule=schedule,
-        ),
-        runtime.prefetch,
-    )
+    source = StepSource(plan, corpus, tokenizer, spec, cfg.max_length, cfg.grad_accum, total_steps,
+                        cfg.masking == "static", dist_info.rank, dist_info.world, schedule)
+    workers = loader_workers(runtime, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    loader = (WorkerLoader(source, start_step, total_steps, workers, runtime.prefetch) if workers
+              else Prefetcher(iter_steps(source, start_step, total_steps), runtime.prefetch))
 
     model.train()
     started = time.perf_counter()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 
 import pytest
 
@@ -119,4 +118,38 @@ def test_compare_cli_refuses_bad_grids_before_any_work(tmp_path, monkeypatch, ca
         main(["compare", "--grid", "mask_rat=0.1,0.2", "--workdir", str(tmp_path / "w")])
     with pytest.raises(SystemExit, match="mask rate"):
         main(["compare", "--grid", "mask_rate=0.1,7", "--workdir", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()
+
+
+def test_settings_listed_one_by_one(tmp_path, monkeypatch) -> None:
+    """A study that changes one thing at a time around a baseline: a YAML list of settings."""
+    base = TrainConfig(seed=3, max_steps=10, mask_rate=0.15)
+    listed = [{}, {"mask_rate": "0.3"}, {"mask_rate": "0.3:0.15:linear"}, {"masking": "static"}, {"whole_word": True}]
+    jobs = setting_configs(base, check_grid(listed), 2)
+    assert [label for label, _, _ in jobs[::2]] == [
+        "baseline", "mask_rate=0.3", "mask_rate=0.3:0.15:linear", "masking=static", "whole_word=True"]
+    assert [seed for _, seed, _ in jobs[:2]] == [3, 4]
+    cfgs = {label: cfg for label, seed, cfg in jobs if seed == 3}
+    assert cfgs["baseline"] == base.model_copy(update={"seed": 3})  # the shared settings alone
+    assert cfgs["masking=static"].mask_rate == 0.15 and cfgs["masking=static"].masking == "static"
+    assert cfgs["whole_word=True"].whole_word and not cfgs["mask_rate=0.3"].whole_word
+    with pytest.raises(ValueError, match="repeat"):
+        check_grid([{"mask_rate": 0.3}, {"mask_rate": 0.3}])
+    with pytest.raises(ValueError, match="must be a mapping"):
+        check_grid([{}, "mask_rate=0.3"])
+    with pytest.raises(ValueError, match="same steps and seeds"):
+        check_grid([{"max_steps": 5}])
+
+    from flows.cli import main
+    from flows.compare import compare
+
+    assert compare.validate_parameters({"grid": listed})["grid"] == listed  # the flow takes the list as is
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    grid_file = tmp_path / "study.yaml"
+    grid_file.write_text("- {}\n- {mask_rate: 0.3}\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="lists its settings one by one"):
+        main(["compare", "--grid-file", str(grid_file), "--grid", "masking=static", "--workdir", str(tmp_path / "w")])
+    grid_file.write_text("- {}\n- {mask_rat: 0.3}\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="study.yaml: --grid mask_rat: not a training setting"):
+        main(["compare", "--grid-file", str(grid_file), "--workdir", str(tmp_path / "w")])
     assert not (tmp_path / "w").exists()

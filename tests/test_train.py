@@ -342,3 +342,29 @@ def test_cli_options_for_fast_and_distributed_training_reach_the_configs():
     assert configs_from_args(build_parser().parse_args(["pretrain"]))["runtime"].compile is False
     with pytest.raises(ValueError, match="--rdzv-endpoint"):
         RuntimeConfig(nnodes=2)
+
+
+def test_worker_processes_collate_the_same_batches_as_the_thread(merosu, tmp_path):
+    """--loader-workers: batches collated in processes train exactly the same weights, a
+    resume with workers continues exactly, and no worker outlives the run."""
+    import multiprocessing
+
+    cfg = TrainConfig(**TINY, max_steps=8, masking="dynamic")
+    args = dict(data_fingerprint=merosu.data_fingerprint)
+    thread, workers = Recorder(), Recorder()
+    train_model(merosu.train, merosu.tokenizer, cfg, CPU, tmp_path / "a", callback=thread, **args)
+    pool = RuntimeConfig(device="cpu", loader_workers=2)
+    train_model(merosu.train, merosu.tokenizer, cfg, pool, tmp_path / "b", callback=workers, **args)
+    assert [m["train/loss"] for _, m in workers.logged] == [m["train/loss"] for _, m in thread.logged]
+    a, b = _params(tmp_path / "a" / "model"), _params(tmp_path / "b" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    crashed = Recorder(stop_at=6)
+    with pytest.raises(Interrupt):
+        train_model(merosu.train, merosu.tokenizer, cfg, pool, tmp_path / "c", callback=crashed, **args)
+    assert not multiprocessing.active_children(), "a loader worker outlived the interrupted run"
+    result = train_model(merosu.train, merosu.tokenizer, cfg, pool, tmp_path / "c", resume=True, **args)
+    assert result.resumed_from_step == 4
+    c = _params(tmp_path / "c" / "model")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert not multiprocessing.active_children()
