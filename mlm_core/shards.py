@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -235,11 +235,6 @@ def _write_ipc(path: Path, table: pa.Table) -> None:
         writer.write_table(table)
 
 
-# Whitespace other than the tabs between fields: a token whose surface is only whitespace
-# (dropped, as the node API reading does) can only be there if this matches.
-_NOT_TAB_SPACE = re.compile(r"[^\S\t]")
-
-
 def _words_of(docs_dir: str, doc_ids: list[str]):
     """(doc ids, sentence indexes, sentences, words, pos) of the documents' sentences that
     have words; words and pos are Arrow list arrays.
@@ -283,21 +278,22 @@ def _words_of(docs_dir: str, doc_ids: list[str]):
 
 
 def _read_outputs(outs: list[str], pos_names: list[str]) -> tuple[pa.Array, pa.Array] | None:
-    """(words, pos) list arrays of "surface<TAB>id<TAB>..." outputs, or None where a
-    sentence's output needs ``MecabWords.split``'s reading."""
-    if _NOT_TAB_SPACE.search("".join(outs)):
-        return None
+    """(words, pos) list arrays of "surface<TAB>tag<TAB>..." outputs, or None where a
+    sentence's output needs ``MecabWords.split``'s reading. A tag is a context id (a
+    dictionary word's) or a part of speech (an unknown word's)."""
     fields = pc.split_pattern(pa.array(outs, pa.string()), "\t")
     lengths = pc.list_value_length(fields)
     if pc.any(pc.not_equal(pc.bit_wise_and(lengths, 1), 0)).as_py():
         return None
-    surfaces = pc.list_flatten(pc.list_slice(fields, 0, None, 2))
-    if pc.any(pc.equal(surfaces, "")).as_py():
+    flat = pc.list_flatten(fields)
+    surfaces = flat.take(pa.array(np.arange(0, len(flat), 2)))
+    # The checks and the id mapping run on the part's distinct surfaces and tags only.
+    distinct = pc.unique(surfaces).to_pylist()
+    if "" in distinct or any(map(str.isspace, distinct)):
         return None
-    # A context id becomes its part of speech; any other field (an unknown word's) is one.
-    tags = pc.list_flatten(pc.list_slice(fields, 1, None, 2))
-    ids = pc.index_in(tags, value_set=pa.array([str(i) for i in range(len(pos_names))], pa.string()))
-    pos = pc.coalesce(pc.take(pa.array(pos_names, pa.string()), ids), tags)
+    tags = pc.dictionary_encode(flat.take(pa.array(np.arange(1, len(flat), 2))))
+    by_id = {str(i): name for i, name in enumerate(pos_names)}
+    pos = pa.array([by_id.get(tag, tag) for tag in tags.dictionary.to_pylist()], pa.string()).take(tags.indices)
     offsets = pa.concat_arrays([pa.array([0], pa.int32()),
                                 pc.cast(pc.cumulative_sum(pc.shift_right(lengths, 1)), pa.int32())])
     return pa.ListArray.from_arrays(offsets, surfaces), pa.ListArray.from_arrays(offsets, pos)
