@@ -200,15 +200,12 @@ def tokenize_part(docs_dir: str, doc_ids: list[str], parts_dir: str, name: str, 
     if done.is_file() and all((Path(parts_dir) / f"{name}.{kind}.arrow").is_file() for kind in _PART_FILES):
         return read_json(done)["summary"]
     doc_col, index_col, texts, words, pos = _words_of(docs_dir, doc_ids)
-    table = pa.Table.from_arrays(
-        [pa.array(doc_col, pa.string()), pa.array(index_col, pa.int32()), pa.array(texts, pa.string()), words, pos],
-        schema=SHARD_SCHEMA,
-    )
+    table = pa.Table.from_arrays([doc_col, index_col, _string_array(texts), words, pos], schema=SHARD_SCHEMA)
     held = pa.array(list(map(heldout_test(cfg.heldout_fraction, cfg.split_salt), texts)), pa.bool_())
     tables = {"train": table.filter(pc.invert(held)), "heldout": table.filter(held)}
     sample = None
     if texts:
-        sample = {"doc_id": doc_col[0], "text": texts[0], "words": words[0].as_py(), "pos": pos[0].as_py()}
+        sample = {"doc_id": doc_col[0].as_py(), "text": texts[0], "words": words[0].as_py(), "pos": pos[0].as_py()}
     for split in SPLITS:
         _write_ipc(Path(parts_dir) / f"{name}.{split}.arrow", tables[split])
     _write_ipc(Path(parts_dir) / f"{name}.counts.arrow", _count_table(tables))
@@ -235,9 +232,9 @@ def _write_ipc(path: Path, table: pa.Table) -> None:
         writer.write_table(table)
 
 
-def _words_of(docs_dir: str, doc_ids: list[str]):
+def _words_of(docs_dir: str, doc_ids: list[str]) -> tuple[pa.Array, pa.Array, list[str], pa.Array, pa.Array]:
     """(doc ids, sentence indexes, sentences, words, pos) of the documents' sentences that
-    have words; words and pos are Arrow list arrays.
+    have words; all but the sentences are Arrow arrays.
 
     MeCab writes "surface<TAB>context id" pairs; the outputs of the whole part are split on
     tabs and the ids mapped to parts of speech by Arrow at once, with no Python object per
@@ -247,41 +244,59 @@ def _words_of(docs_dir: str, doc_ids: list[str]):
     """
     parse = _MECAB.parser()
     pos_names = _MECAB.pos_names()
-    docs: list[tuple[str, list[str], list[str]]] = []
+    docs: list[tuple[list[str], list[str]]] = []
     for doc_id in doc_ids:
         sentences = [s for line in iter_document_lines(Path(docs_dir) / f"{doc_id}.txt") for s in split_sentences(line)]
         parsed = list(map(parse, sentences))
-        kept = [i for i, out in enumerate(parsed) if out]
-        docs.append((doc_id, [sentences[i] for i in kept], [parsed[i] for i in kept]))
-    doc_col = [doc_id for doc_id, kept, _ in docs for _ in kept]
-    index_col = [i for _, kept, _ in docs for i in range(len(kept))]
-    texts = [s for _, kept, _ in docs for s in kept]
-    outs = [out for _, _, outs in docs for out in outs]
+        if not all(parsed):
+            kept = [i for i, out in enumerate(parsed) if out]
+            sentences, parsed = [sentences[i] for i in kept], [parsed[i] for i in kept]
+        docs.append((sentences, parsed))
+    texts = [s for sentences, _ in docs for s in sentences]
+    outs = [out for _, parsed in docs for out in parsed]
     fast = _read_outputs(outs, pos_names) if pos_names is not None and outs else None
     if fast is not None or not outs:
         words, pos = fast or (pa.array([], pa.list_(pa.string())), pa.array([], pa.list_(pa.string())))
-        return doc_col, index_col, texts, words, pos
-    doc_col, index_col, texts, words_rows, pos_rows = [], [], [], [], []
+        return (*_document_columns(doc_ids, [len(sentences) for sentences, _ in docs]), texts, words, pos)
+    texts, words_rows, pos_rows, sizes = [], [], [], []
     read = _MECAB.split
-    for doc_id, sentences, outs in docs:
-        index = 0
-        for sentence, out in zip(sentences, outs):
+    for sentences, parsed in docs:
+        sizes.append(len(texts))
+        for sentence, out in zip(sentences, parsed):
             words, pos = read(out, sentence)
             if words:
                 texts.append(sentence)
                 words_rows.append(words)
                 pos_rows.append(pos)
-                doc_col.append(doc_id)
-                index_col.append(index)
-                index += 1
-    return doc_col, index_col, texts, pa.array(words_rows, pa.list_(pa.string())), pa.array(pos_rows, pa.list_(pa.string()))
+        sizes[-1] = len(texts) - sizes[-1]
+    words, pos = pa.array(words_rows, pa.list_(pa.string())), pa.array(pos_rows, pa.list_(pa.string()))
+    return (*_document_columns(doc_ids, sizes), texts, words, pos)
+
+
+def _document_columns(doc_ids: list[str], sizes: list[int]) -> tuple[pa.Array, pa.Array]:
+    """The doc_id and sentence_index columns of documents with ``sizes`` sentences each."""
+    which = np.repeat(np.arange(len(doc_ids)), sizes)
+    starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return (pa.array(doc_ids, pa.string()).take(pa.array(which)),
+            pa.array(np.arange(len(which)) - starts, pa.int32()))
+
+
+def _string_array(strings: list[str]) -> pa.Array:
+    """``pa.array(strings, pa.string())``, built from the strings joined by newlines: one
+    UTF-8 encoding instead of one per string (sentences and MeCab outputs have no newline;
+    a list with one is converted string by string)."""
+    if not strings:
+        return pa.array([], pa.string())
+    joined = pa.array(["\n".join(strings)], pa.large_string())
+    array = pc.list_flatten(pc.split_pattern(joined, "\n")).cast(pa.string())
+    return array if len(array) == len(strings) else pa.array(strings, pa.string())
 
 
 def _read_outputs(outs: list[str], pos_names: list[str]) -> tuple[pa.Array, pa.Array] | None:
     """(words, pos) list arrays of "surface<TAB>tag<TAB>..." outputs, or None where a
     sentence's output needs ``MecabWords.split``'s reading. A tag is a context id (a
     dictionary word's) or a part of speech (an unknown word's)."""
-    fields = pc.split_pattern(pa.array(outs, pa.string()), "\t")
+    fields = pc.split_pattern(_string_array(outs), "\t")
     lengths = pc.list_value_length(fields)
     if pc.any(pc.not_equal(pc.bit_wise_and(lengths, 1), 0)).as_py():
         return None

@@ -12,12 +12,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
 from mlm_core.config import TokenizeConfig
 from mlm_core.sentences import split_sentences
-from mlm_core.shards import heldout_test, is_heldout, read_part, tokenize_part
+from mlm_core.shards import _string_array, heldout_test, is_heldout, read_part, tokenize_part
 from mlm_core.tokenizer import MecabWords
 
 PLAIN = "吾輩は猫である。名前はまだ無い。〓と/\\を書いた。\n「どこで生れたか」とんと見当がつかぬ。ｱｲｳ abc-def 𠮷野家\n\n何でも薄暗いじめじめした所で泣いていた。\n"
@@ -40,7 +41,7 @@ def expected_rows(docs: dict[str, str], cfg: TokenizeConfig) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("docs", [{"a": PLAIN, "b": PLAIN.replace("猫", "犬")}, {"a": PLAIN, "s": SPACED}],
+@pytest.mark.parametrize("docs", [{"a": PLAIN, "e": "\u3000\n", "b": PLAIN.replace("猫", "犬")}, {"a": PLAIN, "s": SPACED}],
                          ids=["one-split", "fallback"])
 def test_part_rows_equal_the_node_api_reading(docs: dict[str, str], tmp_path: Path) -> None:
     for doc_id, text in docs.items():
@@ -60,6 +61,11 @@ def test_part_rows_equal_the_node_api_reading(docs: dict[str, str], tmp_path: Pa
             w for r in mine for w in r["words"])
     first = expected[0]
     assert summary["sample"] == {k: first[k] for k in ("doc_id", "text", "words", "pos")}
+
+
+def test_string_arrays_built_from_joined_strings_equal_pyarrows() -> None:
+    for strings in (["文。", "", "ｱｲｳ\t𠮷"], ["二行\nの文", "x"], [""], []):
+        assert _string_array(strings).equals(pa.array(strings, pa.string()))
 
 
 def test_a_part_without_words_has_no_rows(tmp_path: Path) -> None:
