@@ -243,7 +243,7 @@ def _words_of(docs_dir: str, doc_ids: list[str]) -> tuple[pa.Array, pa.Array, li
     dictionary's context ids do not fix the parts of speech.
     """
     parse = _MECAB.parser()
-    pos_names = _MECAB.pos_names()
+    pos_by_id = _MECAB.pos_by_id()
     docs: list[tuple[list[str], list[str]]] = []
     for doc_id in doc_ids:
         sentences = [s for line in iter_document_lines(Path(docs_dir) / f"{doc_id}.txt") for s in split_sentences(line)]
@@ -254,7 +254,7 @@ def _words_of(docs_dir: str, doc_ids: list[str]) -> tuple[pa.Array, pa.Array, li
         docs.append((sentences, parsed))
     texts = [s for sentences, _ in docs for s in sentences]
     outs = [out for _, parsed in docs for out in parsed]
-    fast = _read_outputs(outs, pos_names) if pos_names is not None and outs else None
+    fast = _read_outputs(outs, pos_by_id) if pos_by_id is not None and outs else None
     if fast is not None or not outs:
         words, pos = fast or (pa.array([], pa.list_(pa.string())), pa.array([], pa.list_(pa.string())))
         return (*_document_columns(doc_ids, [len(sentences) for sentences, _ in docs]), texts, words, pos)
@@ -292,7 +292,7 @@ def _string_array(strings: list[str]) -> pa.Array:
     return array if len(array) == len(strings) else pa.array(strings, pa.string())
 
 
-def _read_outputs(outs: list[str], pos_names: list[str]) -> tuple[pa.Array, pa.Array] | None:
+def _read_outputs(outs: list[str], pos_by_id: dict[str, str]) -> tuple[pa.Array, pa.Array] | None:
     """(words, pos) list arrays of "surface<TAB>tag<TAB>..." outputs, or None where a
     sentence's output needs ``MecabWords.split``'s reading. A tag is a context id (a
     dictionary word's) or a part of speech (an unknown word's)."""
@@ -307,8 +307,7 @@ def _read_outputs(outs: list[str], pos_names: list[str]) -> tuple[pa.Array, pa.A
     if "" in distinct or any(map(str.isspace, distinct)):
         return None
     tags = pc.dictionary_encode(flat.take(pa.array(np.arange(1, len(flat), 2))))
-    by_id = {str(i): name for i, name in enumerate(pos_names)}
-    pos = pa.array([by_id.get(tag, tag) for tag in tags.dictionary.to_pylist()], pa.string()).take(tags.indices)
+    pos = pa.array([pos_by_id.get(tag, tag) for tag in tags.dictionary.to_pylist()], pa.string()).take(tags.indices)
     offsets = pa.concat_arrays([pa.array([0], pa.int32()),
                                 pc.cast(pc.cumulative_sum(pc.shift_right(lengths, 1)), pa.int32())])
     return pa.ListArray.from_arrays(offsets, surfaces), pa.ListArray.from_arrays(offsets, pos)

@@ -73,8 +73,7 @@ class MecabWords:
     def __init__(self) -> None:
         self._tagger = None
         self._reference = None
-        self._pos_names: list[str] | None = None
-        self._pos_by_id: dict[str, str] = {}
+        self._pos_by_id: dict[str, str] | None = None
         self._pid = -1
 
     def _get(self):
@@ -82,10 +81,10 @@ class MecabWords:
             import fugashi  # deferred: importing loads the dictionary
 
             tagger = fugashi.Tagger(_CONTEXT_FORMAT)
-            self._pos_names = pos_by_context_id(Path(tagger.dictionary_info[0]["filename"]).parent)
-            if self._pos_names is None:  # a dictionary whose context ids do not fix pos1, pos2
+            names = pos_by_context_id(Path(tagger.dictionary_info[0]["filename"]).parent)
+            if names is None:  # a dictionary whose context ids do not fix pos1, pos2
                 tagger = fugashi.Tagger(_MECAB_FORMAT)
-            self._pos_by_id = {str(i): name for i, name in enumerate(self._pos_names or ())}
+            self._pos_by_id = None if names is None else {str(i): name for i, name in enumerate(names)}
             self._tagger, self._reference, self._pid = tagger, None, os.getpid()
         return self._tagger
 
@@ -93,12 +92,13 @@ class MecabWords:
         """The bound ``parse`` of this process's Tagger, for loops that call ``split``."""
         return self._get().parse
 
-    def pos_names(self) -> list[str] | None:
-        """The part of speech of each left context id, when ``parser()`` writes the ids of
-        dictionary words in the place of their parts of speech (None: it writes parts of
-        speech only). A field that is no id (an unknown word's) is its part of speech."""
+    def pos_by_id(self) -> dict[str, str] | None:
+        """The part of speech of each left context id (as MeCab writes it), when ``parser()``
+        writes the ids of dictionary words in the place of their parts of speech (None: it
+        writes parts of speech only). A field that is no id (an unknown word's) is its part
+        of speech."""
         self._get()
-        return self._pos_names
+        return self._pos_by_id
 
     def __call__(self, text: str) -> tuple[list[str], list[str]]:
         """(surfaces, parts of speech), from MeCab's text output.
@@ -123,7 +123,7 @@ class MecabWords:
                 return [], []
             return self.nodes_reference(text)
         surfaces, pos = fields[0::2], fields[1::2]
-        if self._pos_by_id:
+        if self._pos_by_id is not None:
             pos = [self._pos_by_id.get(p, p) for p in pos]
         if "" in surfaces or any(map(str.isspace, surfaces)):
             kept = [i for i, s in enumerate(surfaces) if s and not s.isspace()]

@@ -77,7 +77,7 @@ def test_an_unchecked_dictionary_is_read_through_formatted_parts_of_speech(tmp_p
     fast = tokenize_part(str(tmp_path), ["a"], str(tmp_path), "fast", TokenizeConfig(heldout_fraction=0.0))
     monkeypatch.setattr(tokenizer, "_CHECKED_DICTIONARIES", set())
     mecab = MecabWords()
-    assert mecab.pos_names() is None
+    assert mecab.pos_by_id() is None
     monkeypatch.setattr("mlm_core.shards._MECAB", mecab)
     slow = tokenize_part(str(tmp_path), ["a"], str(tmp_path), "slow", TokenizeConfig(heldout_fraction=0.0))
     assert read_part(tmp_path, "slow")["train"].equals(read_part(tmp_path, "fast")["train"])
@@ -89,5 +89,5 @@ def test_an_unchecked_dictionary_is_read_through_formatted_parts_of_speech(tmp_p
 @pytest.mark.parametrize("text", ["〓と/\\を書いた。", "ｱｲｳ 　 テスト\tabc ㋿ 𠮷野家", "\u2028x\u0085 a  b"])
 def test_mecab_words_reads_ids_and_unknown_words_as_the_node_api(text: str) -> None:
     mecab = MecabWords()
-    assert mecab.pos_names() is not None
+    assert mecab.pos_by_id() is not None
     assert mecab(text) == mecab.nodes_reference(text)
