@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["split_sentences"]
 
 _TERMINATORS = frozenset("。!?！？")
@@ -22,6 +24,7 @@ _PAIRS = {
 }
 _OPENING = frozenset(_PAIRS)
 _CLOSING = frozenset(_PAIRS.values())
+_MARKS = re.compile("[" + re.escape("".join(sorted(_TERMINATORS | _OPENING | _CLOSING))) + "]")
 
 
 def _skip_closing(line: str, i: int) -> int:
@@ -40,9 +43,13 @@ def _split_line(line: str) -> list[str]:
     sentences: list[str] = []
     start = 0
     depth = 0
-    i = 0
     n = len(line)
-    while i < n:
+    # Only brackets and terminators change the state: jump from one to the next (a C-level
+    # search) instead of stepping through every character in Python.
+    search = _MARKS.search
+    found = search(line)
+    while found is not None:
+        i = found.start()
         char = line[i]
         if char in _OPENING:
             depth += 1
@@ -74,6 +81,7 @@ def _split_line(line: str) -> list[str]:
             start = i
         else:
             i += 1
+        found = search(line, i)
     sentences.append(line[start:])
     return sentences
 

@@ -34,10 +34,10 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from itertools import accumulate
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -87,15 +87,26 @@ def heldout_test(fraction: float, salt: str) -> Callable[[str], bool]:
     key = salt.encode("utf-8")
     if len(key) > 64:  # blake2b keys hold 64 bytes; hash longer salts rather than cut them
         key = hashlib.blake2b(key, digest_size=64).digest()
-    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+    # The rule is "digest as a big-endian integer / 2**64 < fraction". That float division
+    # never decreases as the integer grows, so the rule holds exactly below one integer,
+    # found once here; big-endian digests of equal length compare as their integers do.
+    low, high = 0, 2**64
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if middle / 2**64 < fraction else (low, middle)
+    if low == 2**64:
+        return lambda text: True
+    limit = low.to_bytes(8, "big")
+    keyed = hashlib.blake2b(digest_size=8, key=key)  # the key's block hashed once, then copied
 
     def test(text: str) -> bool:
-        return from_bytes(blake2b(text.encode("utf-8"), digest_size=8, key=key).digest(), "big") / 2**64 < fraction
+        h = keyed.copy()
+        h.update(text.encode("utf-8"))
+        return h.digest() < limit
 
     return test
 
 
-PART_SCHEMA = pa.schema([*SHARD_SCHEMA, pa.field("heldout", pa.bool_(), nullable=False)])
 WORD_COUNTS_FILE = "word_counts.parquet"
 WORD_COUNTS_SCHEMA = pa.schema(
     [pa.field("split", pa.string(), nullable=False), pa.field("word", pa.string(), nullable=False),
@@ -151,12 +162,10 @@ class ShardWriter:
             self._writer = None
 
 
-def iter_document_lines(path: Path) -> Iterator[str]:
+def iter_document_lines(path: Path) -> list[str]:
+    """The document's non-blank lines, stripped (universal newlines, as ``open`` reads)."""
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if line:
-                yield line
+        return [line for line in map(str.strip, fh.read().split("\n")) if line]
 
 
 def plan_parts(docs_dir: Path, doc_ids: list[str], part_chars: int) -> list[list[str]]:
@@ -181,117 +190,152 @@ def _part_name(index: int, doc_ids: list[str]) -> str:
 
 
 def tokenize_part(docs_dir: str, doc_ids: list[str], parts_dir: str, name: str, cfg: TokenizeConfig) -> dict:
-    """The unit of parallel work: documents -> ``{name}.parquet`` (rows of both splits) and
-    ``{name}.json`` (counts, word counts per split, a sample). Pure: same inputs, same files.
+    """The unit of parallel work: documents -> ``{name}.train.arrow`` and
+    ``{name}.heldout.arrow`` (the rows of each split, SHARD_SCHEMA), ``{name}.counts.arrow``
+    (word counts per split) and ``{name}.json`` (counts, a sample). Pure: same inputs, same
+    files.
 
-    ``{name}.counts.parquet`` holds its word counts per split. The JSON is written last,
-    atomically; its presence marks the part done, so a re-run after a crash redoes only
-    the parts without one.
+    The rows are kept as uncompressed Arrow IPC files, cheap to write and to read back once
+    by the merge. The JSON is written last, atomically; its presence marks the part done,
+    so a re-run after a crash redoes only the parts without one.
     """
     done = Path(parts_dir) / f"{name}.json"
-    if done.is_file():
+    if done.is_file() and all((Path(parts_dir) / f"{name}.{kind}.arrow").is_file() for kind in _PART_FILES):
         return read_json(done)["summary"]
-    doc_col: list[str] = []
-    index_col: list[int] = []
-    texts, words_flat, pos_flat, offsets = _words_of(docs_dir, doc_ids, doc_col, index_col)
-    heldout = list(map(heldout_test(cfg.heldout_fraction, cfg.split_salt), texts))
-    list_offsets = pa.array(offsets, pa.int32())
-    table = pa.Table.from_arrays(
-        [
-            pa.array(doc_col, pa.string()),
-            pa.array(index_col, pa.int32()),
-            pa.array(texts, pa.string()),
-            pa.ListArray.from_arrays(list_offsets, pa.array(words_flat, pa.string())),
-            pa.ListArray.from_arrays(list_offsets, pa.array(pos_flat, pa.string())),
-            pa.array(heldout, pa.bool_()),
-        ],
-        schema=PART_SCHEMA,
-    )
-    counts = _split_counts(table)
+    doc_col, index_col, texts, words, pos = _words_of(docs_dir, doc_ids)
+    table = pa.Table.from_arrays([doc_col, index_col, _string_array(texts), words, pos], schema=SHARD_SCHEMA)
+    held = pa.array(list(map(heldout_test(cfg.heldout_fraction, cfg.split_salt), texts)), pa.bool_())
+    tables = {"train": table.filter(pc.invert(held)), "heldout": table.filter(held)}
     sample = None
     if texts:
-        sample = {"doc_id": doc_col[0], "text": texts[0], "words": words_flat[: offsets[1]],
-                  "pos": pos_flat[: offsets[1]]}
-    with atomic_path(Path(parts_dir) / f"{name}.parquet") as tmp:
-        pq.write_table(table, tmp, compression="none")  # read once by the merge, then deleted
-    with atomic_path(Path(parts_dir) / f"{name}.counts.parquet") as tmp:
-        pq.write_table(_count_table(table), tmp)
+        sample = {"doc_id": doc_col[0].as_py(), "text": texts[0], "words": words[0].as_py(), "pos": pos[0].as_py()}
+    for split in SPLITS:
+        _write_ipc(Path(parts_dir) / f"{name}.{split}.arrow", tables[split])
+    _write_ipc(Path(parts_dir) / f"{name}.counts.arrow", _count_table(tables))
+    counts = {split: _counts_of(tables[split]) for split in SPLITS}
     summary = {"name": name, "documents": len(doc_ids), "counts": counts, "sample": sample}
     atomic_write_json(done, {"summary": summary})
     return summary
 
 
-def _words_of(docs_dir: str, doc_ids: list[str], doc_col: list[str], index_col: list[int]):
-    """(sentences, words, pos, offsets) of the documents' sentences that have words; fills
-    ``doc_col`` and ``index_col`` with each kept sentence's document and index in it.
+_PART_FILES = (*SPLITS, "counts")
 
-    The MeCab outputs of the whole part are joined and split on tabs at once (one C-level
-    split instead of one per sentence); ``MecabWords.split`` reads them one by one only in
-    the rare part where that would differ from it (a whitespace token, an odd field count).
+
+def read_part(parts_dir: Path, name: str) -> dict[str, pa.Table]:
+    """A finished part's tables: its rows of each split, and its word counts ("counts")."""
+    tables = {}
+    for kind in _PART_FILES:
+        with pa.ipc.open_file(str(parts_dir / f"{name}.{kind}.arrow")) as reader:
+            tables[kind] = reader.read_all()
+    return tables
+
+
+def _write_ipc(path: Path, table: pa.Table) -> None:
+    with atomic_path(path) as tmp, pa.ipc.new_file(str(tmp), table.schema) as writer:
+        writer.write_table(table)
+
+
+def _words_of(docs_dir: str, doc_ids: list[str]) -> tuple[pa.Array, pa.Array, list[str], pa.Array, pa.Array]:
+    """(doc ids, sentence indexes, sentences, words, pos) of the documents' sentences that
+    have words; all but the sentences are Arrow arrays.
+
+    MeCab writes "surface<TAB>context id" pairs; the outputs of the whole part are split on
+    tabs and the ids mapped to parts of speech by Arrow at once, with no Python object per
+    word. ``MecabWords.split`` reads them one by one only in the rare part where that would
+    differ from it (a whitespace or empty token, an odd field count) or where the
+    dictionary's context ids do not fix the parts of speech.
     """
     parse = _MECAB.parser()
-    texts: list[str] = []
-    outs: list[str] = []
+    pos_by_id = _MECAB.pos_by_id()
+    docs: list[tuple[list[str], list[str]]] = []
     for doc_id in doc_ids:
         sentences = [s for line in iter_document_lines(Path(docs_dir) / f"{doc_id}.txt") for s in split_sentences(line)]
         parsed = list(map(parse, sentences))
-        kept = [i for i, out in enumerate(parsed) if out]
-        texts += [sentences[i] for i in kept]
-        outs += [parsed[i] for i in kept]
-        doc_col += [doc_id] * len(kept)
-        index_col += range(len(kept))
-    tabs = [out.count("\t") for out in outs]
-    fields = "\t".join(outs).split("\t") if outs else []
-    words_flat, pos_flat = fields[0::2], fields[1::2]
-    if all(n % 2 for n in tabs) and "" not in words_flat and not any(map(str.isspace, words_flat)):
-        offsets = [0]
-        offsets += accumulate((n + 1) // 2 for n in tabs)
-        return texts, words_flat, pos_flat, offsets
-    doc_col.clear()
-    index_col.clear()
-    texts, words_flat, pos_flat, offsets = [], [], [], [0]
+        if not all(parsed):
+            kept = [i for i, out in enumerate(parsed) if out]
+            sentences, parsed = [sentences[i] for i in kept], [parsed[i] for i in kept]
+        docs.append((sentences, parsed))
+    texts = [s for sentences, _ in docs for s in sentences]
+    outs = [out for _, parsed in docs for out in parsed]
+    fast = _read_outputs(outs, pos_by_id) if pos_by_id is not None and outs else None
+    if fast is not None or not outs:
+        words, pos = fast or (pa.array([], pa.list_(pa.string())), pa.array([], pa.list_(pa.string())))
+        return (*_document_columns(doc_ids, [len(sentences) for sentences, _ in docs]), texts, words, pos)
+    texts, words_rows, pos_rows, sizes = [], [], [], []
     read = _MECAB.split
-    for doc_id in doc_ids:
-        index = 0
-        for line in iter_document_lines(Path(docs_dir) / f"{doc_id}.txt"):
-            for sentence in split_sentences(line):
-                words, pos = read(parse(sentence), sentence)
-                if words:
-                    texts.append(sentence)
-                    words_flat += words
-                    pos_flat += pos
-                    offsets.append(len(words_flat))
-                    doc_col.append(doc_id)
-                    index_col.append(index)
-                    index += 1
-    return texts, words_flat, pos_flat, offsets
+    for sentences, parsed in docs:
+        sizes.append(len(texts))
+        for sentence, out in zip(sentences, parsed):
+            words, pos = read(out, sentence)
+            if words:
+                texts.append(sentence)
+                words_rows.append(words)
+                pos_rows.append(pos)
+        sizes[-1] = len(texts) - sizes[-1]
+    words, pos = pa.array(words_rows, pa.list_(pa.string())), pa.array(pos_rows, pa.list_(pa.string()))
+    return (*_document_columns(doc_ids, sizes), texts, words, pos)
 
 
-def _split_counts(part: pa.Table) -> dict[str, dict[str, int]]:
-    """Sentences, words and characters (code points) of a part's rows, per split."""
-    held = part.column("heldout")
-    words = pc.list_value_length(part.column("words"))
-    chars = pc.utf8_length(part.column("text"))
-    counts = {}
-    for split, mask in (("train", pc.invert(held)), ("heldout", held)):
-        counts[split] = {"sentences": pc.sum(pc.cast(mask, pa.int64())).as_py() or 0,
-                         "words": pc.sum(pc.filter(words, mask)).as_py() or 0,
-                         "characters": pc.sum(pc.filter(chars, mask)).as_py() or 0}
-    return counts
+def _document_columns(doc_ids: list[str], sizes: list[int]) -> tuple[pa.Array, pa.Array]:
+    """The doc_id and sentence_index columns of documents with ``sizes`` sentences each."""
+    which = np.repeat(np.arange(len(doc_ids)), sizes)
+    starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return (pa.array(doc_ids, pa.string()).take(pa.array(which)),
+            pa.array(np.arange(len(which)) - starts, pa.int32()))
 
 
-def _count_table(part: pa.Table) -> pa.Table:
+def _string_array(strings: list[str]) -> pa.Array:
+    """``pa.array(strings, pa.string())``, built from the strings joined by newlines: one
+    UTF-8 encoding instead of one per string (sentences and MeCab outputs have no newline;
+    a list with one is converted string by string)."""
+    if not strings:
+        return pa.array([], pa.string())
+    joined = pa.array(["\n".join(strings)], pa.large_string())
+    array = pc.list_flatten(pc.split_pattern(joined, "\n")).cast(pa.string())
+    return array if len(array) == len(strings) else pa.array(strings, pa.string())
+
+
+def _read_outputs(outs: list[str], pos_by_id: dict[str, str]) -> tuple[pa.Array, pa.Array] | None:
+    """(words, pos) list arrays of "surface<TAB>tag<TAB>..." outputs, or None where a
+    sentence's output needs ``MecabWords.split``'s reading. A tag is a context id (a
+    dictionary word's) or a part of speech (an unknown word's)."""
+    fields = pc.split_pattern(_string_array(outs), "\t")
+    lengths = pc.list_value_length(fields)
+    if pc.any(pc.not_equal(pc.bit_wise_and(lengths, 1), 0)).as_py():
+        return None
+    flat = pc.list_flatten(fields)
+    surfaces = flat.take(pa.array(np.arange(0, len(flat), 2)))
+    # The checks and the id mapping run on the part's distinct surfaces and tags only.
+    distinct = pc.unique(surfaces).to_pylist()
+    if "" in distinct or any(map(str.isspace, distinct)):
+        return None
+    tags = pc.dictionary_encode(flat.take(pa.array(np.arange(1, len(flat), 2))))
+    pos = pa.array([pos_by_id.get(tag, tag) for tag in tags.dictionary.to_pylist()], pa.string()).take(tags.indices)
+    offsets = pa.concat_arrays([pa.array([0], pa.int32()),
+                                pc.cast(pc.cumulative_sum(pc.shift_right(lengths, 1)), pa.int32())])
+    return pa.ListArray.from_arrays(offsets, surfaces), pa.ListArray.from_arrays(offsets, pos)
+
+
+def _counts_of(rows: pa.Table) -> dict[str, int]:
+    """Sentences, words and characters (code points) of a split's rows."""
+    return {"sentences": rows.num_rows,
+            "words": pc.sum(pc.list_value_length(rows.column("words"))).as_py() or 0,
+            "characters": pc.sum(pc.utf8_length(rows.column("text"))).as_py() or 0}
+
+
+def _count_table(tables: dict[str, pa.Table]) -> pa.Table:
     """(split, word, count) of a part's rows, counted by Arrow rather than word by word."""
-    tables = []
-    for split, mask in (("train", pc.invert(part.column("heldout"))), ("heldout", part.column("heldout"))):
-        words = pc.list_flatten(part.filter(mask).column("words"))
-        counted = pa.table({"word": words}).group_by("word").aggregate([("word", "count")])
-        tables.append(pa.table({
-            "split": pa.array([split] * counted.num_rows, pa.string()),
-            "word": counted.column("word"),
-            "count": pc.cast(counted.column("word_count"), pa.int64()),
+    counted = []
+    for split in SPLITS:
+        words = pc.list_flatten(tables[split].column("words"))
+        counts = pc.value_counts(words) if len(words) else pa.array([], pa.struct([("values", pa.string()),
+                                                                                  ("counts", pa.int64())]))
+        counted.append(pa.table({
+            "split": pa.array([split] * len(counts), pa.string()),
+            "word": counts.field("values"),
+            "count": pc.cast(counts.field("counts"), pa.int64()),
         }, schema=WORD_COUNTS_SCHEMA))
-    return pa.concat_tables(tables)
+    return pa.concat_tables(counted)
 
 
 def cpu_count() -> int:
@@ -376,15 +420,12 @@ def tokenize_corpus(
         results = mapper(tokenize_part, [str(docs_dir)] * len(parts), parts, [str(parts_dir)] * len(parts), names,
                          [cfg] * len(parts))
         for n, summary in enumerate(results, 1):
-            name = summary["name"]
-            table = pq.read_table(parts_dir / f"{name}.parquet")
-            heldout = table.column("heldout")
-            writers["train"].add_table(table.filter(pc.invert(heldout)))
-            writers["heldout"].add_table(table.filter(heldout))
+            part = read_part(parts_dir, summary["name"])
             for split in SPLITS:
+                writers[split].add_table(part[split])
                 for k, v in summary["counts"][split].items():
                     counts[split][k] += v
-            word_counts.add(pq.read_table(parts_dir / f"{name}.counts.parquet"))
+            word_counts.add(part["counts"])
             sample = sample or summary["sample"]
             pause_point("tokenize")
             if progress is not None:
