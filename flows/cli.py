@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "whole-word, hidden-size, ...; --layers is num-layers) or as its TrainConfig field, and the values "
                    "to try; repeatable: every combination is a setting")
     c.add_argument("--grid-file", metavar="YAML", help="a YAML mapping FIELD: [V1, V2, ...] (instead of or with --grid), or a YAML list of "
-                        "settings tried one by one, e.g. [{}, {mask_rate: 0.3}, {whole_word: true}]")
+                        "settings tried one by one, e.g. [{}, {mask-rate: 0.3}, {whole-word: true}]")
     c.add_argument("--seeds", type=_positive_int, default=1, metavar="N",
                    help="runs per setting, seeds --seed, --seed + 1, ... (default: 1)")
     c.add_argument("--deployment", metavar="FLOW/NAME",

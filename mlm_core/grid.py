@@ -56,15 +56,17 @@ def check_grid(grid: Grid) -> dict[str, list[Any]] | list[dict[str, Any]]:
         for item in grid:
             if not isinstance(item, Mapping):
                 raise ValueError(f"a listed setting must be a mapping FIELD: VALUE, got {item!r}")
-            for field in item:
-                _check_field(str(field))
-            listed.append({str(k): v for k, v in item.items()})
+            setting = {str(k).replace("-", "_"): v for k, v in item.items()}  # mask-rate as the flag spells it
+            for field in setting:
+                _check_field(field)
+            listed.append(setting)
         labels = [label(s) for s in listed]
         if len(set(labels)) != len(labels):
             raise ValueError(f"the listed settings repeat one: {', '.join(labels)}")
         return listed
     out = {}
     for field, values in grid.items():
+        field = str(field).replace("-", "_")
         _check_field(field)
         values = list(values) if isinstance(values, (list, tuple)) else [values]
         if not values:

@@ -144,6 +144,8 @@ def test_settings_listed_one_by_one(tmp_path, monkeypatch) -> None:
     from flows.compare import compare
 
     assert compare.validate_parameters({"grid": listed})["grid"] == listed  # the flow takes the list as is
+    assert check_grid([{"whole-word": True}]) == [{"whole_word": True}]  # spelled as the flag, too
+    assert check_grid({"mask-rate": [0.3]}) == {"mask_rate": [0.3]}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     grid_file = tmp_path / "study.yaml"
     grid_file.write_text("- {}\n- {mask_rate: 0.3}\n", encoding="utf-8")
