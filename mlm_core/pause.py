@@ -37,7 +37,9 @@ def pause_point(name: str) -> None:
     _reached[name] = _reached.get(name, 0) + 1
     if _reached[name] != int(nth or 1):
         return
+    from .io import atomic_write_text
+
     marker = Path(os.environ[ENV_MARKER])
-    marker.write_text(f"{os.getpid()}\n", encoding="utf-8")
+    atomic_write_text(marker, f"{os.getpid()}\n")  # whole when it appears: the test reads it at once
     while marker.exists():
         time.sleep(0.05)
