@@ -147,9 +147,9 @@ def _swap_in(tmp: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on the file ``path`` for the block, waiting for it; the file
-    is removed at the end of the block (while still held).
+def exclusive(path: str | os.PathLike[str], *, remove: bool = True) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` for the block, waiting for it; with
+    ``remove`` the file is removed at the end of the block (while still held).
 
     Processes making the same output take turns with it. A waiter woken on a file that was
     removed meanwhile starts over on the new one, so two processes never hold it at once. The
@@ -174,5 +174,6 @@ def exclusive(path: str | os.PathLike[str]) -> Iterator[None]:
     try:
         yield
     finally:
-        target.unlink(missing_ok=True)
+        if remove:
+            target.unlink(missing_ok=True)
         fh.close()

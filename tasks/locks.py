@@ -15,9 +15,11 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
+
+from mlm_core.io import exclusive
 
 OnBusy = Literal["wait", "fail"]
 
@@ -41,17 +43,9 @@ def _read_holder(fh) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
-@contextlib.contextmanager
-def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if missing) for the block, waiting for it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def file_lock(path: str | os.PathLike[str]) -> contextlib.AbstractContextManager[None]:
+    """Hold an exclusive lock on ``path`` (created if missing, kept) for the block, waiting for it."""
+    return exclusive(path, remove=False)
 
 
 class RunLock:
