@@ -119,7 +119,7 @@ def setting_configs(base: TrainConfig, grid: Grid, seeds: int) -> list[tuple[str
                 cfg = TrainConfig(**values)
             except ValidationError as exc:
                 first = exc.errors()[0]
-                raise ValueError(f"setting {label(setting)}: {first['msg']}") from None
+                raise ValueError(f"setting {label(setting)}: {first['msg'].removeprefix('Value error, ')}") from None
             out.append((label(setting), base.seed + s, cfg))
     return out
 
