@@ -9,6 +9,7 @@ pseudo-perplexity is ``exp(-PLL / tokens)`` over the scored tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -30,6 +31,12 @@ def word_l2r_queries(ids: np.ndarray, starts: np.ndarray, cls_id: int, sep_id: i
     return rows
 
 
+def pll_cost(lengths: np.ndarray) -> int:
+    """Tokens the queries of sentences of these lengths read: n rows of n + 2 each."""
+    n = np.asarray(lengths, dtype=np.int64)
+    return int((n * (n + 2)).sum())
+
+
 @torch.no_grad()
 def pseudo_log_likelihood(
     model: BertForMaskedLM,
@@ -37,8 +44,10 @@ def pseudo_log_likelihood(
     corpus: EncodedCorpus,
     sentences: np.ndarray,
     device: torch.device | str = "cpu",
+    tick: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """PLL per token and pseudo-perplexity over ``sentences`` of ``corpus`` (word-l2r)."""
+    """PLL per token and pseudo-perplexity over ``sentences`` of ``corpus`` (word-l2r);
+    ``tick(tokens)`` after each sentence (``pll_cost`` of all of them in total)."""
     model.eval()
     total, n_tokens = 0.0, 0
     for i in np.asarray(sentences):
@@ -55,6 +64,8 @@ def pseudo_log_likelihood(
         logp = logits.log_softmax(-1)[query, torch.from_numpy(ids).to(rows.device)]
         total += float(logp.sum())
         n_tokens += n
+        if tick is not None:
+            tick(n * (n + 2))
     if n_tokens == 0:
         raise ValueError("no tokens to score for the pseudo-log-likelihood: the sample of sentences is empty")
     mean = total / n_tokens

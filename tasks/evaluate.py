@@ -21,6 +21,7 @@ from mlm_core.evaluate import (
 from mlm_core.tokenizer import MecabWords
 from mlm_core.train import resolve_device
 
+from .common import stage_progress
 from .tracking import StageRun, run_url, stage_run
 from .train import encoded_split, load_tokenizer
 
@@ -39,10 +40,11 @@ def evaluate_stage(
     heldout = encoded_split(shards, vocab, tokenizer, "heldout", max_length, workdir)
     with stage_run(parent_run_id, "evaluate") as run:
         run.log_params(cfg.model_dump(), "evaluate")
-        metrics = evaluate_heldout(
-            model, tokenizer, heldout, unigram_counts(train_corpus, len(tokenizer)), cfg, device,
-            train_class_counts=class_unigram_counts(train_corpus, len(tokenizer)),
-        )
+        with stage_progress("evaluate", "tokens") as progress:
+            metrics = evaluate_heldout(
+                model, tokenizer, heldout, unigram_counts(train_corpus, len(tokenizer)), cfg, device,
+                train_class_counts=class_unigram_counts(train_corpus, len(tokenizer)), progress=progress,
+            )
         mecab = MecabWords()
         examples = [
             {"text": text, "predictions": fill_mask(model, tokenizer, text, cfg.top_k, mecab, device)}
@@ -110,10 +112,11 @@ def score_corpus(shards: dict, model_dir: str, cfg: EvalConfig, runtime: Runtime
     paths = [p for split in ("train", "heldout") for p in shard_paths(Path(shards["dir"]), split, manifest)]
     key = encode_key(shards["fingerprint"], vocab_fp, "all", max_length)
     corpus = EncodedCorpus(encode_shards(paths, tokenizer, Path(workdir) / "encoded" / key, max_length, key))
-    metrics = evaluate_heldout(
-        model, tokenizer, corpus, unigram_counts(corpus, len(tokenizer)), cfg, device,
-        train_class_counts=class_unigram_counts(corpus, len(tokenizer)),
-    )
+    with stage_progress("evaluate", "tokens") as progress:
+        metrics = evaluate_heldout(
+            model, tokenizer, corpus, unigram_counts(corpus, len(tokenizer)), cfg, device,
+            train_class_counts=class_unigram_counts(corpus, len(tokenizer)), progress=progress,
+        )
     context = {
         "MLflow run": parent_run_id,
         "model": model_dir,
