@@ -12,7 +12,14 @@ module, e.g. ``mlm_core.shards`` in a tokenizer worker process, does not load Py
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING
+
+# Idle OpenMP threads sleep rather than spin (issue 18): spinning threads take the cores other
+# jobs on a busy machine need, and wait on each other when one is put aside. OpenMP reads this
+# once, when torch loads it, so it is set here, before any module of ours imports torch; a
+# value in the environment wins. See mlm_core.train.configure_threads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _ENTRY_POINTS = {
     "download_corpus": "download",

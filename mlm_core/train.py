@@ -43,7 +43,8 @@ from .schedule import budget_lr_factor, lr_factor
 from .tokenizer import WordPieceTokenizer
 
 __all__ = [
-    "TrainCallback", "TrainResult", "TrainingStopped", "lr_factor", "model_config_for", "resolve_device", "train_model",
+    "TrainCallback", "TrainResult", "TrainingStopped", "configure_threads", "default_threads", "lr_factor",
+    "model_config_for", "resolve_device", "train_model",
 ]
 
 
@@ -109,6 +110,45 @@ def resolve_device(runtime: RuntimeConfig) -> tuple[torch.device, torch.dtype | 
     if runtime.precision == "bf16" or (runtime.precision == "auto" and use_cuda):
         return device, torch.bfloat16
     return device, None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity, capped by a cgroup CPU quota (containers)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def default_threads() -> int:
+    """torch threads when none are asked for: every usable CPU (split between the processes of
+    one machine under ``torchrun``).
+
+    Not fewer on a busy machine: with OpenMP's PASSIVE wait policy (see ``configure_threads``)
+    a thread that waits sleeps, and the scheduler shares CPU time per thread, so on a shared
+    machine two threads measured faster than one (``bench/threads_busy.py``, README). What
+    made torch's default 24x slower than ``--threads 1`` there was OpenMP's threads spinning
+    on cores other jobs held, not their number."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, usable_cpus() // local)
+
+
+def configure_threads(num_threads: int | None) -> int:
+    """Set torch's CPU threads: ``num_threads``, else ``default_threads()``; an
+    ``OMP_NUM_THREADS`` in the environment is respected as torch read it. Returns the count.
+
+    OpenMP's wait policy is set to PASSIVE, unless the environment says otherwise, when
+    ``mlm_core`` is imported, before torch loads OpenMP: idle threads sleep instead of
+    spinning on cores other jobs need."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(default_threads())
+    return torch.get_num_threads()
 
 
 def loader_workers(runtime: RuntimeConfig, device: torch.device, local_world: int = 1) -> int:
@@ -186,8 +226,7 @@ def train_model(
     share of every step's micro-batches, and only rank 0 reports, checkpoints and exports.
     """
     key = train_key(cfg, data_fingerprint)
-    if runtime.num_threads:
-        torch.set_num_threads(runtime.num_threads)
+    configure_threads(runtime.num_threads)
     device, amp_dtype = resolve_device(runtime)
     dist_info = distributed.init_from_env(device.type)
     if device.type == "cuda":

@@ -19,7 +19,7 @@ from mlm_core.evaluate import (
     write_report,
 )
 from mlm_core.tokenizer import MecabWords
-from mlm_core.train import resolve_device
+from mlm_core.train import configure_threads, resolve_device
 
 from .common import stage_progress
 from .tracking import StageRun, run_url, stage_run
@@ -32,6 +32,7 @@ def evaluate_stage(
     parent_run_id: str,
 ) -> dict:
     logger = get_run_logger()
+    configure_threads(runtime.num_threads)
     device, _ = resolve_device(runtime)
     model, _ = load_pretrained(trained["model_dir"], device)
     max_length = model.config.max_position_embeddings
@@ -104,6 +105,7 @@ def score_corpus(shards: dict, model_dir: str, cfg: EvalConfig, runtime: Runtime
     from .common import MANIFEST
 
     logger = get_run_logger()
+    configure_threads(runtime.num_threads)
     device, _ = resolve_device(runtime)
     model, tokenizer = load_pretrained(model_dir, device)
     max_length = model.config.max_position_embeddings
