@@ -199,3 +199,42 @@ def merosu(tmp_path_factory) -> PreparedData:
         heldout=corpora["heldout"],
         data_fingerprint=f"{shards['fingerprint']}-{vocab['fingerprint']}",
     )
+
+
+# The slow end-to-end tests (issue 18): each runs whole `melos` commands in their own
+# processes, or its own Prefect/MLflow servers, workers or torchrun, and takes tens of
+# seconds to minutes on 2 cores. `pytest -m "not slow"` runs the rest quickly; `make test`
+# runs everything. Whole modules by name, single tests as "module::test"; every test marked
+# `servers` is slow too. A listed test that is renamed or removed fails the collection of
+# its module, so the list cannot go stale silently.
+SLOW = {
+    "test_compare_deployment", "test_deployment", "test_distributed", "test_kill_anywhere", "test_publish",
+    "test_side_by_side", "test_stopping", "test_stopping_compare", "test_tracking_outage",
+    "test_cli::test_killed_run_resumes_from_its_last_checkpoint",
+    "test_compare::test_compare_cli_runs_each_setting_and_seed_under_one_comparison",
+    "test_evaluate_cli::test_evaluate_scores_a_run_on_another_corpus_and_links_the_runs",
+    "test_first_hour::test_a_run_is_found_from_another_directory_without_creating_a_store",
+    "test_first_hour::test_runs_lists_the_run_as_a_table_and_as_json",
+    "test_first_hour::test_experiment_and_runs_are_tagged_for_the_mlflow_ui",
+    "test_first_hour::test_the_wheel_carries_the_corpus_and_builds_without_warnings",
+    "test_flow::test_flow_end_to_end_then_cached_rerun",
+    "test_flow::test_flow_fails_clearly_and_marks_the_mlflow_run_failed",
+    "test_flow::test_flow_against_a_real_mlflow_server_and_fill_mask_cli",
+    "test_tokenize_parallel::test_dask_local_cluster_with_two_worker_processes",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    seen: dict[str, set[str]] = {}
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        name = item.originalname if hasattr(item, "originalname") else item.name
+        seen.setdefault(module, set()).add(name)
+        if module in SLOW or f"{module}::{name}" in SLOW or item.get_closest_marker("servers"):
+            item.add_marker(pytest.mark.slow)
+    stale = sorted(
+        entry for entry in SLOW
+        if "::" in entry and entry.split("::")[0] in seen and entry.split("::")[1] not in seen[entry.split("::")[0]]
+    )
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py SLOW lists tests that no longer exist: {', '.join(stale)}")
