@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         "`melos COMMAND --help` shows each command's options.",
         formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks of errors (also MELOS_DEBUG=1); may be given after the command too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -432,11 +434,13 @@ def _run_flow(flow_fn, hint: str, **params):
     """Call a flow with Melos' own temporary Prefect server (unless PREFECT_API_URL names one)
     and SIGTERM turned into an exception, so a stopped command marks its MLflow runs KILLED and
     leaves no process behind. Returns the flow's result, or the exit status when stopped."""
+    from flows.errors import quiet_prefect_console
     from flows.server import prefect_server
     from tasks.children import Stopped, stop_on_sigterm
 
+    quiet_prefect_console()
     try:
-        with stop_on_sigterm(), prefect_server():
+        with stop_on_sigterm(), prefect_server(log_dir=Path(params.get("workdir") or ".") / "logs"):
             return flow_fn(**params)
     except KeyboardInterrupt as exc:
         signame = signal.Signals(exc.signum).name if isinstance(exc, Stopped) else "SIGINT"
@@ -452,8 +456,11 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
         raise SystemExit(f"melos: invalid option: {_one_line(exc)}") from None
     if ns.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = ns.tracking_uri
-    if ns.register_as is not None and not ns.register_as.strip():
-        raise SystemExit(f"melos: --register-as needs a registered model name, got {ns.register_as!r}")
+    from flows.checks import check_register_as, check_resume
+
+    check_register_as(ns.register_as)
+    if ns.resume:
+        check_resume(ns.workdir)
     from mlm_core.download import SourceError, check_sources
 
     try:  # before any server starts: a missing file should not cost a Prefect start-up
@@ -649,14 +656,28 @@ def cmd_ui(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flows.errors import report
+    from flows.server import quiet_defaults
+
+    quiet_defaults()  # before Prefect or MLflow is imported: they read these once
     # MLflow's own artifact progress bars would stand between a command and its answer.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # anywhere on the line, as `melos pretrain ... --debug`
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["MELOS_DEBUG"] = "1"
     ns = build_parser().parse_args(argv)
     commands = {
         "pretrain": cmd_pretrain, "fill-mask": cmd_fill_mask, "runs": cmd_runs, "ui": cmd_ui,
         "export": cmd_export, "evaluate": cmd_evaluate, "compare": cmd_compare,
     }
-    return commands[ns.command](ns)
+    try:
+        return commands[ns.command](ns)
+    except KeyboardInterrupt:  # Ctrl-C outside a flow (looking up a run, downloading a model)
+        print("melos: stopped by SIGINT", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as exc:  # a UserError -> one line; anything else -> traceback and how to report it
+        return report(exc)
 
 
 if __name__ == "__main__":
