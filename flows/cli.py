@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--prefect", action="store_true", help="also start the Prefect UI (a `prefect server`)")
     u.add_argument("--prefect-port", type=int, default=4200, metavar="N", help="Prefect UI port (default: 4200)")
     u.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
+    u.add_argument("--access-log", action="store_true", help="show the MLflow UI's log line per HTTP request")
 
     v = _command(
         sub, "evaluate", "score a trained model on any corpus (logged as its own MLflow run)",
@@ -370,19 +371,37 @@ def resolve_model_dir(run: str, dst: Path, tracking_uri: str | None = None) -> P
 
 def model_dir_from_args(ns: argparse.Namespace, dst: Path) -> Path:
     """--model URI or --run RUN -> a local Melos model directory (SystemExit on failure)."""
-    from tasks.model_source import download_model
 
     if ns.tracking_uri:  # models:/ and runs:/ URIs are read from the store named on the command line
         os.environ["MLFLOW_TRACKING_URI"] = ns.tracking_uri
     try:
         if ns.model:
-            return download_model(ns.model, dst)
+            return _download_model_from_stores(ns.model, dst)
         return resolve_model_dir(ns.run, dst, ns.tracking_uri)
     except LookupError as exc:
         raise SystemExit(f"melos: {exc}") from None
     except Exception as exc:  # e.g. a run whose model artifacts are missing
         first = (getattr(exc, "message", None) or str(exc)).strip().splitlines()[0]
         raise SystemExit(f"melos: no model for {ns.run or ns.model}: {first}") from None
+
+
+def _download_model_from_stores(uri: str, dst: Path) -> Path:
+    """A models:/ or runs:/ URI looked up as a run id is: in the store named (--tracking-uri,
+    MLFLOW_TRACKING_URI), else in ./mlflow.db and the stores Melos remembers, opening only
+    stores that exist (looking never creates one)."""
+    from flows.runs import open_stores
+    from tasks.model_source import ModelNotInStore, download_model
+
+    if os.environ.get("MLFLOW_TRACKING_URI") or not uri.startswith(("models:/", "runs:/")):
+        return download_model(uri, dst)
+    opened, searched = open_stores()
+    for store, _client in opened:
+        try:
+            return download_model(uri, dst, store)
+        except ModelNotInStore:
+            continue
+    raise LookupError(f"no model at {uri} in the stores searched: {'; '.join(searched) or 'none'}. "
+                      "Give --tracking-uri URI (or set MLFLOW_TRACKING_URI) to look in another store")
 
 
 def cmd_fill_mask(ns: argparse.Namespace) -> int:
@@ -428,6 +447,19 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 class _StoppedExit(int):
     """The exit status of a command stopped by a signal (128 + its number)."""
+
+
+def _exit_now(rc: int) -> None:
+    """End a stopped command at once. Its runs are marked, its checkpoint written and its
+    servers stopped by then; what is left is the interpreter's own shutdown, which took 5-9 s
+    after a training run (native thread pools, not Python code), past the 10 s a user waits
+    after Ctrl-C."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(rc))
 
 
 def _run_flow(flow_fn, hint: str, **params):
@@ -652,7 +684,7 @@ def cmd_ui(ns: argparse.Namespace) -> int:
         store, experiment_id = ui_store(ns.tracking_uri)
     except RunNotFound as exc:
         raise SystemExit(f"melos: {exc}") from None
-    return serve(store, ns.host, ns.port, ns.prefect_port if ns.prefect else None, experiment_id)
+    return serve(store, ns.host, ns.port, ns.prefect_port if ns.prefect else None, experiment_id, ns.access_log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -672,7 +704,10 @@ def main(argv: list[str] | None = None) -> int:
         "export": cmd_export, "evaluate": cmd_evaluate, "compare": cmd_compare,
     }
     try:
-        return commands[ns.command](ns)
+        rc = commands[ns.command](ns)
+        if isinstance(rc, _StoppedExit):
+            _exit_now(rc)
+        return rc
     except KeyboardInterrupt:  # Ctrl-C outside a flow (looking up a run, downloading a model)
         print("melos: stopped by SIGINT", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -57,9 +57,9 @@ class _ConsoleNoise(logging.Filter):
              "Encountered exception during execution")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING or debug_enabled():
+        if debug_enabled():
             return True
-        if record.exc_info and record.exc_info[1] is not None:
+        if record.levelno >= logging.WARNING and record.exc_info and record.exc_info[1] is not None:
             return False  # main prints it: once, as one line, or as a bug report with its traceback
         message = record.getMessage()
         return not any(m in message for m in self.NOISE)

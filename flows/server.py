@@ -60,6 +60,9 @@ def _server_command(port: int) -> list[str]:
         sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
         "--log-level", "warning", "--no-access-log", "--lifespan", "on",
+        # its clients are gone or going when it is stopped: their open connections (the events
+        # websocket) must not hold the shutdown for the 5 s before it is killed
+        "--timeout-graceful-shutdown", "1",
     ]
 
 
