@@ -20,6 +20,15 @@ from pydantic import BaseModel, ValidationError
 
 from mlm_core.config import DownloadConfig, EvalConfig, RuntimeConfig, TokenizeConfig, TrainConfig, VocabConfig
 
+def _count_or_all(text: str) -> int | None:
+    """N, or 0 / 'all' for no limit (the config's None, which a command line cannot spell)."""
+    if text.strip().lower() in ("all", "0", "none"):
+        return None
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, or 'all'")
+    return int(text)
+
+
 # (section, config class, field, flag, extra argparse kwargs)
 _OPTIONS: list[tuple[str, type[BaseModel], str, str, dict]] = [
     ("download", DownloadConfig, "sources", "--source", {"action": "append", "metavar": "SRC"}),
@@ -61,7 +70,7 @@ _OPTIONS: list[tuple[str, type[BaseModel], str, str, dict]] = [
     ("train", TrainConfig, "random_token_prob", "--random-token-prob", {"type": float}),
     ("train", TrainConfig, "checkpoint_every", "--checkpoint-every", {"type": int}),
     ("evaluate", EvalConfig, "passes", "--eval-passes", {"type": int}),
-    ("evaluate", EvalConfig, "max_sentences", "--eval-max-sentences", {"type": int}),
+    ("evaluate", EvalConfig, "max_sentences", "--eval-max-sentences", {"type": _count_or_all, "metavar": "N|all"}),
     ("evaluate", EvalConfig, "pll_sentences", "--eval-pll-sentences", {"type": int}),
     ("evaluate", EvalConfig, "fill_mask_examples", "--example", {"action": "append", "metavar": "TEXT"}),
     ("runtime", RuntimeConfig, "device", "--device", {"choices": ["auto", "cpu", "cuda"]}),
@@ -99,6 +108,8 @@ def _help(cls: type[BaseModel], field: str, extra: dict) -> str:
     for f, flag in ((f, flag) for _, c, f, flag, _ in _OPTIONS if c is cls and "_" in f):  # not plain words
         text = re.sub(rf"\b{f}\b", flag, text)
     default = info.default_factory() if info.default_factory else info.default
+    if extra.get("type") is _count_or_all:
+        text = text.replace("None: all", "0 or 'all': every one")
     if default is None and "(None: " in text:
         text = text.replace("(None: ", "(default: ")
     elif extra.get("action") == "append":
@@ -586,8 +597,10 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
         raise SystemExit(f"melos: {exc}") from None
     if isinstance(result, _StoppedExit):
         return result
-    if ns.json:
-        print(json.dumps(result["metrics"], ensure_ascii=False, indent=2))
+    if ns.json:  # as pretrain's: the run ids beside the metrics
+        print(json.dumps({"mlflow_run_id": result["mlflow_run_id"], "model_run_id": model_run_id,
+                          "model_dir": str(model_dir), "report": result["report"], "metrics": result["metrics"]},
+                         ensure_ascii=False, indent=2))
         return 0
     m = result["metrics"]
     print(f"MLflow run:  {result['mlflow_run_id']} (model run {model_run_id or model_dir})")
@@ -660,6 +673,9 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     print()
     print(result["markdown"])
     print(f"MLflow comparison run: {result['mlflow_run_id']} (table and plots under its comparison/ artifacts)")
+    if result.get("dir"):
+        print(f"table and plots:       {result['dir']}/ (comparison.md, comparison.csv, loss_curves.png, "
+              "accuracy.png, pos_accuracy.png)")
     return 0
 
 
