@@ -112,8 +112,9 @@ class _Watchdog(threading.Thread):
     written at the next step) after saying why."""
 
     def __init__(self, proc: subprocess.Popen, port: int, env: dict, timeout: float, log: Path,
-                 attempts: int = 3) -> None:
+                 attempts: int = 3, grace_s: float = 20.0) -> None:
         super().__init__(name="melos-prefect-server-watchdog", daemon=True)
+        self.grace_s = grace_s
         self.proc, self.port, self.env, self.timeout, self.log, self.attempts = proc, port, env, timeout, log, attempts
         self.stopping = threading.Event()
         self.lost: str | None = None
@@ -139,6 +140,13 @@ class _Watchdog(threading.Thread):
                                  f"{self.log})")
                     print(f"melos: {self.lost}; stopping the run", file=sys.stderr, flush=True)
                     os.kill(os.getpid(), signal.SIGTERM)
+                    # the stop writes the checkpoint at the next step; if Prefect's client then
+                    # waits on the missing API (its retries take minutes), end the process
+                    if not self.stopping.wait(self.grace_s):
+                        print(f"melos: stopped without the Prefect server (its output: {self.log}); checkpoints "
+                              "written so far are kept: run the same command with --resume to continue",
+                              file=sys.stderr, flush=True)
+                        os._exit(128 + signal.SIGTERM)
                 return
             self.proc = proc
 
