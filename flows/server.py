@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from mlm_core.errors import UserError
 from tasks.children import tied
 
 LOG_NAME = "prefect-server.log"
@@ -66,8 +67,9 @@ def _server_command(port: int) -> list[str]:
     ]
 
 
-class ServerLost(RuntimeError):
-    """The temporary Prefect server died and could not be started again."""
+class ServerLost(UserError, RuntimeError):
+    """The temporary Prefect server did not start, or died and could not be started again; the
+    message names its log, where the reason is."""
 
 
 def _start(port: int, env: dict, timeout: float, log: Path) -> subprocess.Popen | None:

@@ -455,6 +455,14 @@ def plan_items(sources: list[Source], cfg: DownloadConfig, fetcher: Fetcher) -> 
     return items, skipped
 
 
+def _utf8_lines(fh, source: Source) -> Iterator[tuple[int, str]]:
+    try:  # decoded a block at a time: the line at fault is not known
+        yield from enumerate(fh)
+    except UnicodeDecodeError:
+        raise SourceError(f"source {source.name!r}: not UTF-8, as JSON Lines must be; convert the file "
+                          "(e.g. iconv -f cp932 -t utf-8)") from None
+
+
 def _read_table(source: Source) -> Iterator[tuple[int, str]]:
     """(row number, text) of a JSON Lines or Parquet corpus, streamed."""
     field = source.text_field or "text"
@@ -477,7 +485,7 @@ def _read_table(source: Source) -> Iterator[tuple[int, str]]:
                 row += 1
         return
     with open(path, encoding="utf-8") as fh:
-        for row, line in enumerate(fh):
+        for row, line in _utf8_lines(fh, source):
             if not line.strip():
                 continue
             try:

@@ -48,6 +48,8 @@ EARLY = {
         lambda d: ["pretrain", "--source", "jsonl:" + _jsonl(d / "nofield.jsonl", [json.dumps({"body": "x"})])],
         "nofield.jsonl",
     ),
+    "JSONL not UTF-8": (lambda d: ["pretrain", "--source", "jsonl:" + _write(d / "sjis.jsonl", "{}\n".encode() + bytes([0x82, 0xa0, 0xff]))],
+                        "sjis.jsonl"),
     "Parquet without the column": (lambda d: ["pretrain", "--source", "parquet:" + _parquet(d / "t.parquet")],
                                    "t.parquet"),
     "evaluate a missing source": (lambda d: ["evaluate", "--run", "latest", "--source", str(d / "nope.txt")],
