@@ -54,4 +54,4 @@ ui: setup
 	$(BIN)/melos ui
 
 clean:
-	rm -rf melos-work mlflow.db mlruns
+	rm -rf melos-work mlflow.db mlflow.db.lock mlruns

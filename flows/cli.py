@@ -20,6 +20,15 @@ from pydantic import BaseModel, ValidationError
 
 from mlm_core.config import DownloadConfig, EvalConfig, RuntimeConfig, TokenizeConfig, TrainConfig, VocabConfig
 
+def _count_or_all(text: str) -> int | None:
+    """N, or 0 / 'all' for no limit (the config's None, which a command line cannot spell)."""
+    if text.strip().lower() in ("all", "0", "none"):
+        return None
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, or 'all'")
+    return int(text)
+
+
 # (section, config class, field, flag, extra argparse kwargs)
 _OPTIONS: list[tuple[str, type[BaseModel], str, str, dict]] = [
     ("download", DownloadConfig, "sources", "--source", {"action": "append", "metavar": "SRC"}),
@@ -61,7 +70,7 @@ _OPTIONS: list[tuple[str, type[BaseModel], str, str, dict]] = [
     ("train", TrainConfig, "random_token_prob", "--random-token-prob", {"type": float}),
     ("train", TrainConfig, "checkpoint_every", "--checkpoint-every", {"type": int}),
     ("evaluate", EvalConfig, "passes", "--eval-passes", {"type": int}),
-    ("evaluate", EvalConfig, "max_sentences", "--eval-max-sentences", {"type": int}),
+    ("evaluate", EvalConfig, "max_sentences", "--eval-max-sentences", {"type": _count_or_all, "metavar": "N|all"}),
     ("evaluate", EvalConfig, "pll_sentences", "--eval-pll-sentences", {"type": int}),
     ("evaluate", EvalConfig, "fill_mask_examples", "--example", {"action": "append", "metavar": "TEXT"}),
     ("runtime", RuntimeConfig, "device", "--device", {"choices": ["auto", "cpu", "cuda"]}),
@@ -99,6 +108,8 @@ def _help(cls: type[BaseModel], field: str, extra: dict) -> str:
     for f, flag in ((f, flag) for _, c, f, flag, _ in _OPTIONS if c is cls and "_" in f):  # not plain words
         text = re.sub(rf"\b{f}\b", flag, text)
     default = info.default_factory() if info.default_factory else info.default
+    if extra.get("type") is _count_or_all:
+        text = text.replace("None: all", "0 or 'all': every one")
     if default is None and "(None: " in text:
         text = text.replace("(None: ", "(default: ")
     elif extra.get("action") == "append":
@@ -138,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         "`melos COMMAND --help` shows each command's options.",
         formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks of errors (also MELOS_DEBUG=1); may be given after the command too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -218,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--prefect", action="store_true", help="also start the Prefect UI (a `prefect server`)")
     u.add_argument("--prefect-port", type=int, default=4200, metavar="N", help="Prefect UI port (default: 4200)")
     u.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
+    u.add_argument("--access-log", action="store_true", help="show the MLflow UI's log line per HTTP request")
 
     v = _command(
         sub, "evaluate", "score a trained model on any corpus (logged as its own MLflow run)",
@@ -368,19 +382,37 @@ def resolve_model_dir(run: str, dst: Path, tracking_uri: str | None = None) -> P
 
 def model_dir_from_args(ns: argparse.Namespace, dst: Path) -> Path:
     """--model URI or --run RUN -> a local Melos model directory (SystemExit on failure)."""
-    from tasks.model_source import download_model
 
     if ns.tracking_uri:  # models:/ and runs:/ URIs are read from the store named on the command line
         os.environ["MLFLOW_TRACKING_URI"] = ns.tracking_uri
     try:
         if ns.model:
-            return download_model(ns.model, dst)
+            return _download_model_from_stores(ns.model, dst)
         return resolve_model_dir(ns.run, dst, ns.tracking_uri)
     except LookupError as exc:
         raise SystemExit(f"melos: {exc}") from None
     except Exception as exc:  # e.g. a run whose model artifacts are missing
         first = (getattr(exc, "message", None) or str(exc)).strip().splitlines()[0]
         raise SystemExit(f"melos: no model for {ns.run or ns.model}: {first}") from None
+
+
+def _download_model_from_stores(uri: str, dst: Path) -> Path:
+    """A models:/ or runs:/ URI looked up as a run id is: in the store named (--tracking-uri,
+    MLFLOW_TRACKING_URI), else in ./mlflow.db and the stores Melos remembers, opening only
+    stores that exist (looking never creates one)."""
+    from flows.runs import open_stores
+    from tasks.model_source import ModelNotInStore, download_model
+
+    if os.environ.get("MLFLOW_TRACKING_URI") or not uri.startswith(("models:/", "runs:/")):
+        return download_model(uri, dst)
+    opened, searched = open_stores()
+    for store, _client in opened:
+        try:
+            return download_model(uri, dst, store)
+        except ModelNotInStore:
+            continue
+    raise LookupError(f"no model at {uri} in the stores searched: {'; '.join(searched) or 'none'}. "
+                      "Give --tracking-uri URI (or set MLFLOW_TRACKING_URI) to look in another store")
 
 
 def cmd_fill_mask(ns: argparse.Namespace) -> int:
@@ -428,15 +460,30 @@ class _StoppedExit(int):
     """The exit status of a command stopped by a signal (128 + its number)."""
 
 
+def _exit_now(rc: int) -> None:
+    """End a stopped command at once. Its runs are marked, its checkpoint written and its
+    servers stopped by then; what is left is the interpreter's own shutdown, which took 5-9 s
+    after a training run (native thread pools, not Python code), past the 10 s a user waits
+    after Ctrl-C."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(rc))
+
+
 def _run_flow(flow_fn, hint: str, **params):
     """Call a flow with Melos' own temporary Prefect server (unless PREFECT_API_URL names one)
     and SIGTERM turned into an exception, so a stopped command marks its MLflow runs KILLED and
     leaves no process behind. Returns the flow's result, or the exit status when stopped."""
+    from flows.errors import quiet_prefect_console
     from flows.server import prefect_server
     from tasks.children import Stopped, stop_on_sigterm
 
+    quiet_prefect_console()
     try:
-        with stop_on_sigterm(), prefect_server():
+        with stop_on_sigterm(), prefect_server(log_dir=Path(params.get("workdir") or ".") / "logs"):
             return flow_fn(**params)
     except KeyboardInterrupt as exc:
         signame = signal.Signals(exc.signum).name if isinstance(exc, Stopped) else "SIGINT"
@@ -452,8 +499,11 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
         raise SystemExit(f"melos: invalid option: {_one_line(exc)}") from None
     if ns.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = ns.tracking_uri
-    if ns.register_as is not None and not ns.register_as.strip():
-        raise SystemExit(f"melos: --register-as needs a registered model name, got {ns.register_as!r}")
+    from flows.checks import check_register_as, check_resume
+
+    check_register_as(ns.register_as)
+    if ns.resume:
+        check_resume(ns.workdir)
     from mlm_core.download import SourceError, check_sources
 
     try:  # before any server starts: a missing file should not cost a Prefect start-up
@@ -547,8 +597,10 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
         raise SystemExit(f"melos: {exc}") from None
     if isinstance(result, _StoppedExit):
         return result
-    if ns.json:
-        print(json.dumps(result["metrics"], ensure_ascii=False, indent=2))
+    if ns.json:  # as pretrain's: the run ids beside the metrics
+        print(json.dumps({"mlflow_run_id": result["mlflow_run_id"], "model_run_id": model_run_id,
+                          "model_dir": str(model_dir), "report": result["report"], "metrics": result["metrics"]},
+                         ensure_ascii=False, indent=2))
         return 0
     m = result["metrics"]
     print(f"MLflow run:  {result['mlflow_run_id']} (model run {model_run_id or model_dir})")
@@ -621,6 +673,9 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     print()
     print(result["markdown"])
     print(f"MLflow comparison run: {result['mlflow_run_id']} (table and plots under its comparison/ artifacts)")
+    if result.get("dir"):
+        print(f"table and plots:       {result['dir']}/ (comparison.md, comparison.csv, loss_curves.png, "
+              "accuracy.png, pos_accuracy.png)")
     return 0
 
 
@@ -645,18 +700,35 @@ def cmd_ui(ns: argparse.Namespace) -> int:
         store, experiment_id = ui_store(ns.tracking_uri)
     except RunNotFound as exc:
         raise SystemExit(f"melos: {exc}") from None
-    return serve(store, ns.host, ns.port, ns.prefect_port if ns.prefect else None, experiment_id)
+    return serve(store, ns.host, ns.port, ns.prefect_port if ns.prefect else None, experiment_id, ns.access_log)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flows.errors import report
+    from flows.server import quiet_defaults
+
+    quiet_defaults()  # before Prefect or MLflow is imported: they read these once
     # MLflow's own artifact progress bars would stand between a command and its answer.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # anywhere on the line, as `melos pretrain ... --debug`
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["MELOS_DEBUG"] = "1"
     ns = build_parser().parse_args(argv)
     commands = {
         "pretrain": cmd_pretrain, "fill-mask": cmd_fill_mask, "runs": cmd_runs, "ui": cmd_ui,
         "export": cmd_export, "evaluate": cmd_evaluate, "compare": cmd_compare,
     }
-    return commands[ns.command](ns)
+    try:
+        rc = commands[ns.command](ns)
+        if isinstance(rc, _StoppedExit):
+            _exit_now(rc)
+        return rc
+    except KeyboardInterrupt:  # Ctrl-C outside a flow (looking up a run, downloading a model)
+        print("melos: stopped by SIGINT", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as exc:  # a UserError -> one line; anything else -> traceback and how to report it
+        return report(exc)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ the work directory must then be on storage every worker sees.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from prefect.runtime import flow_run
 
 from mlm_core.config import DownloadConfig, EvalConfig, RuntimeConfig, TokenizeConfig, TrainConfig, VocabConfig
 from mlm_core.download import download_key
+from mlm_core.io import atomic_dir
 from mlm_core.grid import as_params, csv_table, describe, markdown_table, setting_configs, summarise
 from mlm_core.shards import tokenize_key
 from mlm_core.vocab import vocab_key
@@ -177,7 +177,7 @@ def compare(
         results = collect_results(parent)
         order = {label: i for i, (label, _, _) in enumerate(jobs_cfg)}
         results.sort(key=lambda r: (order.get(r["label"], len(order)), r["seed"]))
-        report = _report(parent, results, grid, seeds, train)
+        report = _report(parent, results, grid, seeds, train, workdir)
     except BaseException as exc:  # KILLED when stopped (Ctrl-C, SIGTERM), else FAILED
         tracking.end_run(parent, tracking.end_status(exc))
         raise
@@ -185,7 +185,7 @@ def compare(
     return {"mlflow_run_id": parent, "runs": results, **report}
 
 
-def _report(parent: str, results: list[dict], grid: dict | list, seeds: int, train: TrainConfig) -> dict:
+def _report(parent: str, results: list[dict], grid: dict | list, seeds: int, train: TrainConfig, workdir: str) -> dict:
     from tasks.compare_plots import accuracy_bars, loss_curves, pos_bars
 
     metrics = [m for m in TABLE_METRICS if any(m in r["metrics"] for r in results)]
@@ -197,19 +197,21 @@ def _report(parent: str, results: list[dict], grid: dict | list, seeds: int, tra
         "# Melos comparison", "",
         f"- **grid**: {describe(grid)}",
         f"- **seeds per setting**: {seeds} (from {train.seed}); **budget per run**: {steps} steps, same data and masks for evaluation",
-        "- values are mean ± sample standard deviation over seeds; a difference smaller than the spreads is noise",
+        ("- values are mean ± sample standard deviation over seeds; a difference smaller than the spreads is noise"
+         if seeds > 1 else "- one seed per setting: no spread to tell a difference from noise (--seeds 3 gives one)"),
         "", table, "",
     ])
     run = tracking.StageRun(parent)
-    with tempfile.TemporaryDirectory(prefix="melos-compare-") as tmp:
-        out = Path(tmp)
-        (out / "comparison.md").write_text(md, encoding="utf-8")
-        (out / "comparison.csv").write_text(csv_table(rows, metrics + pos), encoding="utf-8")
-        loss_curves(results, out / "loss_curves.png")
-        accuracy_bars(rows, out / "accuracy.png")
-        pos_bars(rows, out / "pos_accuracy.png")
-        for f in sorted(out.iterdir()):
-            run.log_artifact(f, "comparison")
+    # kept in the work directory too, so the command can name files a person can open
+    out = Path(workdir) / "compare" / parent
+    with atomic_dir(out) as tmp:
+        (tmp / "comparison.md").write_text(md, encoding="utf-8")
+        (tmp / "comparison.csv").write_text(csv_table(rows, metrics + pos), encoding="utf-8")
+        loss_curves(results, tmp / "loss_curves.png")
+        accuracy_bars(rows, tmp / "accuracy.png")
+        pos_bars(rows, tmp / "pos_accuracy.png")
+    for f in sorted(out.iterdir()):
+        run.log_artifact(f, "comparison")
     url = tracking.run_url(parent)
     create_markdown_artifact(
         markdown=(f"**MLflow comparison run:** `{parent}`" + (f" ([open in MLflow]({url}))" if url else "")
@@ -217,4 +219,4 @@ def _report(parent: str, results: list[dict], grid: dict | list, seeds: int, tra
                   "`comparison/` artifacts."),
         key="melos-comparison", description="Comparison of training settings",
     )
-    return {"table": table, "markdown": md, "rows": rows}
+    return {"table": table, "markdown": md, "rows": rows, "dir": str(out)}

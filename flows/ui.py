@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,11 +60,36 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 class _Stop(Exception):
-    pass
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_stop(signum, frame):
     raise _Stop(signum)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_for(name: str, host: str, port: int) -> int:
+    """``port`` if nothing listens on it, else a free one (said on stderr): with the port taken,
+    the server would print its URL and then die on the bind, or the URL would lead to the
+    other server's store."""
+    if _port_free(host, port):
+        return port
+    with socket.socket() as s:
+        s.bind((host, 0))
+        other = s.getsockname()[1]
+    print(f"melos: port {port} on {host} is in use (another server?); the {name} takes port {other} instead "
+          f"(--port N chooses)", file=sys.stderr, flush=True)
+    return other
 
 
 # MLflow's UI opens on its GenAI views unless asked for the model-training ones (3.17 lets a
@@ -71,17 +97,23 @@ def _raise_stop(signum, frame):
 RUNS_VIEW = "?workflowType=machine_learning"
 
 
-def serve(store: str, host: str, port: int, prefect_port: int | None = None, experiment_id: str | None = None) -> int:
-    """Run the UIs until Ctrl-C / SIGTERM or until one of them exits; returns an exit status."""
+def serve(store: str, host: str, port: int, prefect_port: int | None = None, experiment_id: str | None = None,
+          access_log: bool = False) -> int:
+    """Run the UIs until Ctrl-C / SIGTERM or until one of them exits; returns an exit status
+    (128 + the signal's number when stopped by one, as a shell reports it)."""
     # One web worker and no background job runner (it serves GenAI judges): a light, quick start.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_TRACKING_URI": store}
     commands = []
     if store.startswith(("http://", "https://")):
         print(f"MLflow UI: {store}   (the tracking server serves it)", flush=True)
     else:
+        port = free_port_for("MLflow UI", host, port)
+        quiet = [] if access_log else ["--uvicorn-opts", "--no-access-log"]  # one line per request otherwise
         commands.append(("MLflow UI", [_executable("mlflow"), "ui", "--backend-store-uri", store, "--host", host,
-                                       "--port", str(port), "--workers", "1"], f"http://{host}:{port}", "/health"))
+                                       "--port", str(port), "--workers", "1", *quiet], f"http://{host}:{port}",
+                         "/health"))
     if prefect_port is not None:
+        prefect_port = free_port_for("Prefect UI", host, prefect_port)
         commands.append(("Prefect UI", [_executable("prefect"), "server", "start", "--host", host,
                                         "--port", str(prefect_port)], f"http://{host}:{prefect_port}", "/api/health"))
     if not commands:
@@ -104,8 +136,8 @@ def serve(store: str, host: str, port: int, prefect_port: int | None = None, exp
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
         return 1  # a server stopped by itself
-    except _Stop:
-        return 0
+    except _Stop as stop:
+        return 128 + stop.signum
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

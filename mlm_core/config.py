@@ -219,6 +219,15 @@ class TrainConfig(_Config):
 
         return normalise_rate(value)
 
+    @field_validator("tokens_per_batch")
+    @classmethod
+    def _tokens_per_batch(cls, value: int | None, info) -> int | None:
+        max_length = info.data.get("max_length")
+        if value is not None and max_length is not None and value < max_length:
+            raise ValueError(f"{value} tokens cannot hold one sequence of max_length {max_length}; give at least "
+                             f"{max_length} (or lower max_length)")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if isinstance(self.mask_rate, str) and self.budget_minutes and not self.max_steps:

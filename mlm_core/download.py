@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 from .aozora import TextDecodeError, clean_aozora, clean_plain, decode_text
 from .catalogue import CATALOGUE_PATH, CatalogueError, join_base, parse_selection, read_catalogue, rebase_url, select_works
 from .config import EMBEDDED_SOURCE, DownloadConfig
+from .errors import UserError
 from .io import atomic_dir, atomic_path, atomic_write_json, fingerprint, sha256_bytes, sha256_file
 from .pause import pause_point
 
@@ -38,7 +39,7 @@ TEXT_SUFFIXES = (".txt",)
 _USER_AGENT = "melos-corpus-download/0.1 (+https://github.com/melos)"
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A source that cannot become documents; the message names the source and the fix."""
 
 
@@ -171,12 +172,43 @@ def source_key(source: Source, cfg: DownloadConfig | None = None) -> str:
     return f"{digest}?field={source.text_field}" if source.kind == "table" else digest
 
 
+def _name_not_resolved(exc: BaseException) -> bool:
+    """Whether a connection failed on the host name (DNS), not on the connection itself."""
+    import socket
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, socket.gaierror):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    return any(m in text for m in ("Name or service not known", "nodename nor servname", "name resolution",
+                                   "No address associated", "getaddrinfo failed"))
+
+
+def _peek(source: Source) -> None:
+    """What a named local file shows at a glance (its size, its first bytes, a table's first
+    row or schema) checked before anything starts; the full read during the run finds the rest."""
+    if source.kind not in ("path", "table"):
+        return
+    path = Path(source.location)
+    if path.stat().st_size == 0:
+        raise SourceError(f"source {source.name!r}: the file is empty; give a file with text in it")
+    if source.kind == "path" and path.suffix.lower() == ".zip" and not zipfile.is_zipfile(path):
+        raise SourceError(f"source {source.name!r}: not a ZIP archive; give an Aozora Bunko .zip, or a .txt file")
+    if source.kind == "table":
+        first = next(iter(_read_table(source)), None)
+        if first is None:
+            raise SourceError(f"source {source.name!r}: holds no rows; give a file with text in it")
+
+
 def check_sources(cfg: DownloadConfig) -> None:
     """Fail fast (before any server starts) on sources that cannot work: bad specs, missing
     local files, an empty directory, a local Aozora mirror without its catalogue."""
     for spec in cfg.sources:
         source = parse_source(spec)
         source_key(source, cfg)
+        _peek(source)
         if source.kind == "aozora" and urlparse(cfg.aozora_base_url).scheme not in ("http", "https"):
             catalogue = Path(join_base(cfg.aozora_base_url, CATALOGUE_PATH))
             if not catalogue.is_file():
@@ -223,6 +255,12 @@ def fetch_url(url: str, dest: Path, *, timeout_s: float, max_bytes: int, client=
                     fh.write(chunk)
     except httpx.TimeoutException as exc:
         raise TransientSourceError(f"source {url!r}: timed out after {timeout_s:g}s ({type(exc).__name__})") from exc
+    except httpx.ConnectError as exc:
+        host = urlparse(url).hostname
+        if _name_not_resolved(exc):  # no retry: offline, or a misspelt host, stays so for the next minutes
+            raise SourceError(f"source {url!r}: cannot resolve the host {host!r} (offline, or a misspelt host?); "
+                              "check the URL and the network, or use a local .zip/.txt file") from exc
+        raise TransientSourceError(f"source {url!r}: cannot connect to {host!r}: {exc}") from exc
     except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
         raise TransientSourceError(f"source {url!r}: network error: {exc}") from exc
     except (httpx.HTTPError, httpx.InvalidURL) as exc:  # bad URL, redirect loop, ...: a retry cannot help
@@ -417,6 +455,14 @@ def plan_items(sources: list[Source], cfg: DownloadConfig, fetcher: Fetcher) -> 
     return items, skipped
 
 
+def _utf8_lines(fh, source: Source) -> Iterator[tuple[int, str]]:
+    try:  # decoded a block at a time: the line at fault is not known
+        yield from enumerate(fh)
+    except UnicodeDecodeError:
+        raise SourceError(f"source {source.name!r}: not UTF-8, as JSON Lines must be; convert the file "
+                          "(e.g. iconv -f cp932 -t utf-8)") from None
+
+
 def _read_table(source: Source) -> Iterator[tuple[int, str]]:
     """(row number, text) of a JSON Lines or Parquet corpus, streamed."""
     field = source.text_field or "text"
@@ -439,7 +485,7 @@ def _read_table(source: Source) -> Iterator[tuple[int, str]]:
                 row += 1
         return
     with open(path, encoding="utf-8") as fh:
-        for row, line in enumerate(fh):
+        for row, line in _utf8_lines(fh, source):
             if not line.strip():
                 continue
             try:

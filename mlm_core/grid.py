@@ -151,7 +151,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) ->
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [str(row["setting"]), str(row["runs"])]
-        cells += [f"{row[m]:.4f} ± {row[f'{m}:spread']:.4f}" for m in metrics]
+        # one run has no spread: say n=1 rather than a "± 0.0000" that reads as certainty
+        cells += [f"{row[m]:.4f} ± {row[f'{m}:spread']:.4f}" if row["runs"] > 1 else f"{row[m]:.4f} (n=1)"
+                  for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .checkpoint import load_pretrained, read_meta
 from .evaluate import metrics_table
-from .io import atomic_dir
+from .io import atomic_dir, usual_mode
 from .model import hf_config_dict, to_hf_state_dict
 from .tokenizer import CLS, MASK, PAD, SEP, UNK
 
@@ -70,6 +70,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, card: dict | None = No
     }
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        usual_mode(tmp / "model.safetensors")  # safetensors writes it owner-only (0600)
         _write_json(tmp / "config.json", hf_config)
         tokenizer.save(tmp / "vocab.txt")
         _write_json(tmp / "tokenizer_config.json", hf_tokenizer_config(config.max_position_embeddings))

@@ -44,6 +44,25 @@ def fingerprint(*parts: Any, length: int = 16) -> str:
     return hashlib.sha256(canonical_json(list(parts)).encode("utf-8")).hexdigest()[:length]
 
 
+def _umask() -> int:
+    """The process's umask (Linux: read, not set; elsewhere set and put back)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(path: Path, directory: bool = False) -> None:
+    """What ``open()`` / ``mkdir()`` would have given: temporary files and directories are made
+    owner-only (0600/0700), which would leave exported models unreadable to anyone else."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success it is renamed onto ``path``.
@@ -57,6 +76,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.is_file():
+            usual_mode(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -100,6 +121,7 @@ def atomic_dir(path: str | os.PathLike[str], keep_existing: str | None = None) -
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    usual_mode(tmp, directory=True)
     try:
         yield tmp
     except BaseException:

@@ -39,7 +39,7 @@ class Progress:
         self.log = log or logger.info
         self.log_every_s, self.notify_every_s = log_every_s, notify_every_s
         self.start = time.monotonic()
-        self._last_log = self._last_notify = self.start
+        self._last_log = self._last_notify = self._last_change = self.start
         self.done = self.total = 0
         self._bar = None
         if sys.stderr.isatty() if tty is None else tty:
@@ -53,18 +53,31 @@ class Progress:
             self._task = self._bar.add_task(label, total=None, rate="")
 
     def line(self) -> str:
-        elapsed = time.monotonic() - self.start
+        """done/total, rate, elapsed and ETA. The ETA is given only while work is finishing: when
+        nothing finished since the last change for a while (a slow download), the line says
+        so instead of repeating an estimate that time has made stale."""
+        now = time.monotonic()
+        elapsed = now - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 and self.total else 0.0
         pct = 100.0 * self.done / self.total if self.total else 0.0
+        if self.total and self.done >= self.total:
+            tail = "done"
+        elif now - self._last_change >= self.log_every_s:
+            tail = f"none finished in the last {_duration(now - self._last_change)}"
+        elif rate > 0 and self.total:
+            tail = f"ETA {_duration((self.total - self.done) / rate)}"
+        else:
+            tail = "ETA unknown"
         return (
             f"{self.label}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), {rate:.1f} {self.unit}/s, "
-            f"elapsed {_duration(elapsed)}, ETA {_duration(eta)}"
+            f"elapsed {_duration(elapsed)}, {tail}"
         )
 
     def __call__(self, done: int, total: int) -> None:
-        self.done, self.total = done, total
         now = time.monotonic()
+        if done != self.done:
+            self._last_change = now
+        self.done, self.total = done, total
         if self._bar is not None:
             elapsed = now - self.start
             self._bar.update(self._task, completed=done, total=total,

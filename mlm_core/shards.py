@@ -361,8 +361,15 @@ def _map_local(workers: int | None) -> Callable:
         # a preload that cannot be imported is skipped.
         ctx.set_forkserver_preload([__name__, "pandas"])
         # the workers end with this process, even SIGKILLed (left alone they would wait forever)
-        with ProcessPoolExecutor(n, mp_context=ctx, initializer=exit_with, initargs=(os.getpid(),)) as pool:
+        pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=exit_with, initargs=(os.getpid(),))
+        try:
             yield from pool.map(fn, *zip(*jobs))
+        except BaseException:  # stopped (Ctrl-C, SIGTERM) or failed: drop the queued parts, end the workers now
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+            raise
+        pool.shutdown(wait=True)
 
     return run
 

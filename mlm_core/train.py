@@ -33,6 +33,7 @@ from .checkpoint import (
 from . import distributed
 from .config import RuntimeConfig, TrainConfig
 from .data import EncodedCorpus
+from .errors import UserError
 from .io import atomic_write_json, fingerprint
 from .loader import Prefetcher, StepSource, WorkerLoader, iter_steps
 from .mask_schedule import parse_rate
@@ -64,6 +65,10 @@ class TrainCallback:
         """Polled after every step: True ends training there, with a checkpoint of that step
         (so a resumed run loses nothing), by raising ``TrainingStopped``."""
         return False
+
+
+class ResumeError(UserError, FileNotFoundError):
+    """``resume`` asked for, but no checkpoint of this run to continue from."""
 
 
 class TrainingStopped(KeyboardInterrupt):
@@ -258,11 +263,12 @@ def train_model(
         distributed.barrier(dist_info)
         ckpt = latest_checkpoint(checkpoints_dir)
         if ckpt is None:
-            raise FileNotFoundError(f"resume requested but {checkpoints_dir} holds no checkpoint")
+            raise ResumeError(f"--resume: no checkpoint of a run with these settings in {str(checkpoints_dir)!r}; "
+                              "give the interrupted run's settings, or run without --resume")
         found = read_meta(ckpt).get("fingerprint")
         if found != key:
-            raise ValueError(
-                f"checkpoint {ckpt} was trained with other data or settings (fingerprint {found}, "
+            raise ResumeError(
+                f"--resume: checkpoint {ckpt} was trained with other data or settings (fingerprint {found}, "
                 f"these settings give {key}); resume with the settings of that run or start a fresh one"
             )
         state = load_training_state(ckpt, model, optimizer, None, device)

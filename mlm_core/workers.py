@@ -3,12 +3,16 @@
 A process pool's workers (and the ``forkserver`` they fork from) wait on pipes that they
 hold both ends of, so when the process that owns the pool is SIGKILLed they would wait
 forever, one orphan per worker. ``exit_with`` is a pool initializer that ends the worker once
-its owner is gone (Linux: checked against ``/proc``; elsewhere it does nothing).
+its owner is gone (Linux: checked against ``/proc``; elsewhere it does nothing), and ignores
+SIGINT: Ctrl-C in a terminal reaches every process of the foreground group, and the owner,
+not each worker, decides how the work stops (a worker dying of KeyboardInterrupt would print
+its traceback and break the pool).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -26,6 +30,7 @@ def _identity(pid: int) -> str | None:
 
 def exit_with(owner: int, interval: float = 0.5) -> None:
     """Pool initializer: a daemon thread ends this process when process ``owner`` is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     started = _identity(owner)
     if started is None:  # no /proc (not Linux), or the owner is already gone
         if not Path("/proc/self/stat").exists():

@@ -9,6 +9,8 @@ another process waits on it would let two processes hold "the" lock at once.
 
 from __future__ import annotations
 
+from mlm_core.errors import UserError
+
 import contextlib
 import fcntl
 import json
@@ -24,7 +26,7 @@ from mlm_core.io import exclusive
 OnBusy = Literal["wait", "fail"]
 
 
-class RunBusyError(RuntimeError):
+class RunBusyError(UserError, RuntimeError):
     """Another live run holds the lock and the caller asked not to wait."""
 
 

@@ -6,7 +6,9 @@ Every failure is a ``LookupError`` with a one-line message naming the bad value.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 from mlm_core.hf_export import CARD_FILE
@@ -22,23 +24,46 @@ def _first_line(exc: Exception) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
-def download_model(uri: str, dst: Path) -> Path:
+class ModelNotInStore(LookupError):
+    """The store holds no model at the URI (another store may)."""
+
+
+def download_model(uri: str, dst: Path, store: str | None = None) -> Path:
     """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN_ID/PATH`` -> the local
-    Melos model directory inside it."""
+    Melos model directory inside it, from ``store`` (default: the current tracking URI)."""
     if not uri.startswith(URI_SCHEMES):
         raise LookupError(
             f"{uri!r} is not an MLflow model URI; use models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model"
         )
     from mlflow.artifacts import download_artifacts
 
+    store = store or tracking.tracking_uri()
     try:
-        local = download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking.tracking_uri())
+        # MLflow resolves models:/ against the default registry (./mlflow.db, created by asking),
+        # whatever registry_uri says: name the store for this call through the environment too
+        with _store_env(store):
+            local = download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=store, registry_uri=store)
     except Exception as exc:
-        raise LookupError(f"no model at {uri} in the MLflow store {tracking.tracking_uri()}: {_first_line(exc)}") from None
+        raise ModelNotInStore(f"no model at {uri} in the MLflow store {store}: {_first_line(exc)}") from None
     model_dir = melos_model_dir(local)
     if not (model_dir / "model.pt").is_file():
         raise LookupError(f"{uri} is not a Melos model (no model.pt in it); log one with `melos pretrain`")
     return model_dir
+
+
+@contextlib.contextmanager
+def _store_env(store: str):
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {n: os.environ.get(n) for n in names}
+    os.environ.update({n: store for n in names})
+    try:
+        yield
+    finally:
+        for n, v in before.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
 
 
 def card_next_to(model_dir: Path) -> dict | None:

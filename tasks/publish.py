@@ -107,7 +107,7 @@ def log_pyfunc(model_dir: Path, card_path: Path, parent_run_id: str):
         name=MODEL_NAME,
         flavor=mlflow.pyfunc,
         run_id=parent_run_id,
-        python_model=MelosFillMask(),
+        python_model=str(Path(__file__).with_name("pyfunc_entry.py")),  # models from code: nothing pickled
         artifacts={MODEL_ARTIFACT: str(model_dir), CARD_ARTIFACT: str(card_path)},
         signature=signature,
         input_example=example,

@@ -25,6 +25,24 @@ TEXT_COLUMN = "text"
 DEFAULT_TOP_K = 5
 
 
+class BadInput(MlflowException):
+    """A 400 whose message stays one line. MLflow's scoring server rewrites the message of an
+    ``MlflowException`` from ``predict`` to "Failed to predict data '<the whole DataFrame>'";
+    this message keeps the first value it is given."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._first
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_first"):
+            self._first = value
+
+
 def _texts(model_input) -> list[str]:
     import numpy as np
 
@@ -36,10 +54,7 @@ def _texts(model_input) -> list[str]:
         elif len(model_input.columns) == 1:
             column = model_input.iloc[:, 0]
         else:
-            raise MlflowException(
-                f"expected a column named {TEXT_COLUMN!r}, got columns {list(model_input.columns)}",
-                error_code=INVALID_PARAMETER_VALUE,
-            )
+            raise BadInput(f"expected a column named {TEXT_COLUMN!r}, got columns {list(model_input.columns)}")
         model_input = list(column)
     texts: list[str] = []
     for cell in model_input:  # a dict input {"text": [...]} arrives as one row holding the list
@@ -63,14 +78,13 @@ class MelosFillMask(mlflow.pyfunc.PythonModel):
 
         top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))
         if not 1 <= top_k <= len(self.tokenizer):
-            raise MlflowException(f"top_k must be between 1 and {len(self.tokenizer)}, got {top_k}",
-                                  error_code=INVALID_PARAMETER_VALUE)
+            raise BadInput(f"top_k must be between 1 and {len(self.tokenizer)}, got {top_k}")
         rows = []
         for text in _texts(model_input):
             try:
                 predictions = fill_mask(self.model, self.tokenizer, text, top_k, self.mecab)
             except ValueError as exc:  # no [MASK], or longer than the model reads
-                raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+                raise BadInput(str(exc)) from None
             for number, preds in enumerate(predictions, 1):
                 rows.append({
                     TEXT_COLUMN: text,

@@ -9,6 +9,8 @@ default, set explicitly so an old ``./mlruns`` folder never switches it); settin
 
 from __future__ import annotations
 
+from mlm_core.errors import UserError
+
 import json
 import os
 import shlex
@@ -89,7 +91,7 @@ def flatten(prefix: str, obj: Any) -> dict[str, str]:
     return out
 
 
-class TrackingOutage(RuntimeError):
+class TrackingOutage(UserError, RuntimeError):
     """The tracking server stayed unreachable for longer than the grace period."""
 
 

@@ -162,8 +162,9 @@ def run_torchrun(spec: dict, runtime: RuntimeConfig, run_dir: Path, logger) -> S
     logger.info("starting %s", " ".join(cmd))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # tied: torchrun dies with this process, even when it is SIGKILLed
+    # own session: a terminal's Ctrl-C reaches only melos, which stops torchrun (SIGTERM) itself
     with subprocess.Popen(tied(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[1]) as proc:
+                          cwd=Path(__file__).resolve().parents[1], start_new_session=True) as proc:
         errors: list[str] = []  # the workers' exception lines, once each, for the task's error
         try:
             for line in proc.stdout:

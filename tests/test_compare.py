@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 
+from pathlib import Path
+
 import pytest
 
 from mlm_core.config import TrainConfig
@@ -59,6 +61,7 @@ def test_summary_table_is_mean_and_sample_spread() -> None:
     rows = summarise(results, ["m"])
     assert [(r["setting"], r["runs"], r["m"]) for r in rows] == [("a", 2, pytest.approx(0.2)), ("b", 1, 0.5)]
     assert "| a | 2 | 0.2000 ± 0.1414 |" in markdown_table(rows, ["m"])
+    assert "| b | 1 | 0.5000 (n=1) |" in markdown_table(rows, ["m"])  # one run: no "± 0.0000"
     parsed = list(csv.DictReader(io.StringIO(csv_table(rows, ["m"]))))
     assert parsed[0]["setting"] == "a" and float(parsed[0]["m_spread"]) == pytest.approx(0.1414, abs=1e-4)
 
@@ -77,6 +80,8 @@ def test_compare_cli_runs_each_setting_and_seed_under_one_comparison(prefect_har
             "--workdir", str(tmp_path / "work"), "--experiment", "cmp"]
     assert main(argv) == 0
     out = capsys.readouterr().out
+    plots = Path(out.split("table and plots:")[1].split()[0])  # the command names files a person can open
+    assert {"comparison.md", "accuracy.png", "loss_curves.png"} <= {f.name for f in plots.iterdir()}
     assert "| masking=static whole_word=false | 2 |" in out and "| masking=dynamic whole_word=false | 2 |" in out
 
     client = MlflowClient(uri)

@@ -42,7 +42,9 @@ def test_evaluate_scores_a_run_on_another_corpus_and_links_the_runs(prefect_harn
     argv = ["evaluate", "--run", trained["mlflow_run_id"], "--source", str(novel), "--workdir", str(tmp_path / "work"),
             "--experiment", "melos-ev", "--eval-passes", "1", "--eval-pll-sentences", "4", "--json"]
     assert main(argv) == 0
-    metrics = json.loads(capsys.readouterr().out)
+    printed = json.loads(capsys.readouterr().out)
+    metrics = printed["metrics"]
+    assert printed["model_run_id"] == trained["mlflow_run_id"]
     for key in ("eval/top1_accuracy", "eval/unigram_top1_accuracy", "eval/wwm_top1_accuracy",
                 "eval/pseudo_perplexity", "eval/pos/noun/top1_accuracy"):
         assert key in metrics
@@ -55,6 +57,7 @@ def test_evaluate_scores_a_run_on_another_corpus_and_links_the_runs(prefect_harn
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
+    assert printed["mlflow_run_id"] == run.info.run_id
     assert run.data.tags["melos.model_run_id"] == trained["mlflow_run_id"]
     assert run.data.metrics["eval/top1_accuracy"] == pytest.approx(metrics["eval/top1_accuracy"])
     stages = {c.data.tags["melos.stage"] for c in client.search_runs(
@@ -66,7 +69,7 @@ def test_evaluate_scores_a_run_on_another_corpus_and_links_the_runs(prefect_harn
 
     # the same corpus again: the data stages are cached, the numbers identical
     assert main(argv) == 0
-    assert json.loads(capsys.readouterr().out) == metrics
+    assert json.loads(capsys.readouterr().out)["metrics"] == metrics
 
 
 def test_evaluate_refuses_an_unknown_run(tmp_path, monkeypatch):

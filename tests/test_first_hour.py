@@ -164,7 +164,7 @@ def test_ui_serves_the_store_and_ctrl_c_stops_everything_it_started(trained):
         started = _descendants(proc.pid)
         assert started
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=60) == 128 + signal.SIGINT  # as a shell reports a job stopped by Ctrl-C
         assert not [pid for pid in started if _alive(pid)]  # no orphaned server or worker
     finally:
         if proc.poll() is None:

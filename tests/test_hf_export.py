@@ -3,6 +3,8 @@ tokenises held-out text to the same ids; the export is atomic and carries a mode
 
 from __future__ import annotations
 
+import os
+
 import json
 from pathlib import Path
 
@@ -132,6 +134,12 @@ def test_card_without_a_pipeline_record_says_so(trained, tmp_path):
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "Not recorded with this model" in card and "no MLflow run recorded" in card
     assert "cannot say whether all of them were public domain" in card
+    # readable as any file the user writes (umask), not owner-only as temporary files are made
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~mask)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in out.iterdir()} == {
+        f.name: oct(0o666 & ~mask) for f in out.iterdir()}
 
 
 def test_export_is_atomic_and_never_overwrites(trained, tmp_path, monkeypatch):
