@@ -21,30 +21,37 @@ from .checkpoint import load_pretrained, read_meta
 from .evaluate import metrics_table
 from .io import atomic_dir
 from .model import hf_config_dict, to_hf_state_dict
-from .tokenizer import CLS, MASK, PAD, SEP, UNK
+from .tokenizer import CLS, DEFAULT_SPLITTER, MASK, PAD, SEP, UNK, parse_splitter
 
 CARD_FILE = "card.json"  # what the pipeline records about a model, beside its model/ directory
 # HF re-creates these from the tie on load; safetensors refuses to store shared tensors twice
 _TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+_TIED_BIAS = ("cls.predictions.decoder.bias",)  # an untied decoder still shares its bias
 
 
-def hf_tokenizer_config(max_length: int) -> dict:
+def hf_tokenizer_config(max_length: int, spec: dict | None = None) -> dict:
     """``tokenizer_config.json`` for BertJapaneseTokenizer matching Melos's tokenizer.
 
-    HF's WordPiece always turns words over 100 characters into [UNK], Melos's default
-    ``max_input_chars_per_word``; a vocabulary built with another limit differs there."""
-    return {
+    ``spec`` is the tokenizer's own (``WordPieceTokenizer.spec()``): a model continued from a
+    published checkpoint goes out with the word splitter, dictionary, subwords and casing it
+    came in with (an IPAdic model stays IPAdic). HF's WordPiece always turns words over 100
+    characters into [UNK], Melos's default ``max_input_chars_per_word``; a vocabulary built
+    with another limit differs there."""
+    spec = spec or {}
+    kind, dic, lower = parse_splitter(spec.get("splitter") or DEFAULT_SPLITTER)
+    config = {
         "tokenizer_class": "BertJapaneseTokenizer",
-        "do_lower_case": False,
+        "do_lower_case": lower,
         "do_word_tokenize": True,
         "do_subword_tokenize": True,
-        "word_tokenizer_type": "mecab",
-        "subword_tokenizer_type": "wordpiece",
-        # HF's MecabTokenizer defaults to ipadic; Melos splits words with unidic-lite
-        "mecab_kwargs": {"mecab_dic": "unidic_lite"},
-        "model_max_length": max_length,
+        "word_tokenizer_type": kind,
+        "subword_tokenizer_type": spec.get("subword") or "wordpiece",
+        "model_max_length": spec.get("model_max_length") or max_length,
         "unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK,
     }
+    if kind == "mecab":  # named always: HF's default dictionary has changed between versions
+        config["mecab_kwargs"] = {"mecab_dic": dic}
+    return config
 
 
 def export_hf(model_dir: str | Path, out_dir: str | Path, card: dict | None = None, *, overwrite: bool = False) -> Path:
@@ -58,13 +65,13 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, card: dict | None = No
     meta = read_meta(Path(model_dir))
     config = model.config
     state = to_hf_state_dict(model.state_dict(), config)
-    tensors = {k: v.detach().contiguous() for k, v in state.items() if k not in _TIED}
+    shared = _TIED if config.tie_word_embeddings else _TIED_BIAS
+    tensors = {k: v.detach().contiguous() for k, v in state.items() if k not in shared}
     hf_config = {
         "architectures": ["BertForMaskedLM"],
         "model_type": "bert",
         **hf_config_dict(config),
         "position_embedding_type": "absolute",
-        "tie_word_embeddings": True,
         "tokenizer_class": "BertJapaneseTokenizer",
         "torch_dtype": "float32",
     }
@@ -72,7 +79,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, card: dict | None = No
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", hf_config)
         tokenizer.save(tmp / "vocab.txt")
-        _write_json(tmp / "tokenizer_config.json", hf_tokenizer_config(config.max_position_embeddings))
+        _write_json(tmp / "tokenizer_config.json", hf_tokenizer_config(config.max_position_embeddings, tokenizer.spec()))
         _write_json(
             tmp / "special_tokens_map.json",
             {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK},
