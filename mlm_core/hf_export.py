@@ -102,6 +102,15 @@ def model_card(meta: dict, params: int, params_no_emb: int, card: dict | None) -
     card = card or {}
     m = meta["model"]
     run_id = card.get("mlflow_run_id")
+    init = meta.get("init_from")
+    spec = meta.get("tokenizer") or {}
+    kind, dic, lower = parse_splitter(spec.get("splitter") or DEFAULT_SPLITTER)
+    package = {"unidic_lite": "unidic-lite", "ipadic": "ipadic", "unidic": "unidic"}.get(dic or "")
+    words = f"MeCab words (fugashi + {package})" if kind == "mecab" else "words split on whitespace and punctuation"
+    subwords = ("one token per character" if spec.get("subword") == "character"
+                else "WordPiece subwords with `##` continuations")
+    how = (f"continued from `{init.get('name') or init.get('source')}` (its weights, vocabulary and tokenizer) on "
+           "Japanese text" if init else "pre-trained from scratch on Japanese text")
     lines = [
         "---",
         "language: ja",
@@ -112,7 +121,7 @@ def model_card(meta: dict, params: int, params_no_emb: int, card: dict | None) -
         "",
         "# Melos Japanese BERT masked language model",
         "",
-        "A BERT masked language model pre-trained from scratch on Japanese text by "
+        f"A BERT masked language model {how} by "
         "Melos (Prefect + MLflow + PyTorch)"
         + (f", MLflow run `{run_id}`." if run_id else "."),
         "",
@@ -123,22 +132,32 @@ def model_card(meta: dict, params: int, params_no_emb: int, card: dict | None) -
         "fill('メロスは[MASK]した。')",
         "```",
         "",
-        "The tokenizer needs `fugashi` and `unidic-lite` installed.",
+        (f"The tokenizer needs `fugashi` and `{package}` installed." if package else "The tokenizer needs nothing beyond transformers."),
         "",
         "## Architecture",
         "",
         f"- original post-LayerNorm BERT, {m['num_layers']} layers, hidden size {m['hidden_size']}, "
         f"{m['num_heads']} attention heads, feed-forward size {m['intermediate_size']}, GELU",
         f"- {params:,} parameters ({params_no_emb:,} without the embedding tables); "
-        "the output projection is tied to the word embeddings",
+        + ("the output projection is tied to the word embeddings" if m.get("tie_word_embeddings", True)
+           else "the output projection has its own weights"),
         f"- vocabulary {m['vocab_size']:,} tokens, at most {m['max_position_embeddings']} positions "
         f"({m['max_position_embeddings'] - 2} subwords plus [CLS] and [SEP])",
-        "- tokenizer: NFKC, MeCab words (fugashi + unidic-lite), WordPiece subwords with `##` "
-        "continuations, no lower-casing; special tokens [PAD] [UNK] [CLS] [SEP] [MASK] at ids 0-4",
-        "",
-        "## Training corpus",
+        f"- tokenizer: {'NFKC, ' if kind == 'mecab' else ''}{words}, {subwords}, "
+        f"{'lower-cased' if lower else 'no lower-casing'}; special tokens [PAD] [UNK] [CLS] [SEP] [MASK]",
         "",
     ]
+    if init:
+        lines += [
+            "## Starting checkpoint",
+            "",
+            f"- `{init.get('source')}` ({'Hugging Face' if init.get('format') == 'hf' else 'Melos'} format), "
+            f"fingerprint `{init.get('fingerprint')}`",
+            f"- its license field: {init['license']}" if init.get("license")
+            else "- its model card states no license field; check the terms of its publisher",
+            "",
+        ]
+    lines += ["## Training corpus", ""]
     docs = card.get("documents")
     if docs:
         lines += [
@@ -169,6 +188,11 @@ def model_card(meta: dict, params: int, params_no_emb: int, card: dict | None) -
             "",
             *metrics_table(metrics),
         ]
+        initial = card.get("initial_metrics") or {}
+        if "eval/initial_top1_accuracy" in initial:
+            lines += ["", f"The starting checkpoint on the same masks, before continued pre-training: top-1 "
+                      f"{initial['eval/initial_top1_accuracy']:.4f} → {metrics.get('eval/top1_accuracy', float('nan')):.4f}, "
+                      f"top-5 {initial['eval/initial_top5_accuracy']:.4f} → {metrics.get('eval/top5_accuracy', float('nan')):.4f}."]
     else:
         lines.append("Not recorded with this model.")
     lines += ["", "## Tracking", ""]
@@ -179,6 +203,10 @@ def model_card(meta: dict, params: int, params_no_emb: int, card: dict | None) -
     if not any(card.get(k) for k in ("mlflow_run_id", "train_run_id")):
         lines.append("- no MLflow run recorded with this model")
     lines += ["", "## License", ""] + _license_lines(docs)
+    if init:
+        lines += ["", f"The weights continue `{init.get('source')}`"
+                  + (f", released under `{init['license']}`: its terms apply to this model too."
+                     if init.get("license") else ", whose card names no license: its publisher's terms apply.")]
     return "\n".join(lines) + "\n"
 
 

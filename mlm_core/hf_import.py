@@ -271,8 +271,17 @@ def load_init(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ber
 
 
 def describe_init(path: str | Path, source: str) -> dict:
-    """What the pipeline records about a starting checkpoint (checked; weights hashed, not loaded)."""
-    path = Path(path)
+    """What the pipeline records about a starting checkpoint (checked; weights hashed, not loaded):
+    source, dir, format, name, license, model (ModelConfig fields), tokenizer (spec),
+    fingerprint (weights and all) and tokenizer_fingerprint (vocabulary and spec)."""
+    from .vocab import tokenizer_fingerprint
+
+    found = _describe(Path(path), source)
+    tok = WordPieceTokenizer.from_file(Path(path) / "vocab.txt", **found["tokenizer"])
+    return {**found, "tokenizer_fingerprint": tokenizer_fingerprint(tok)}
+
+
+def _describe(path: Path, source: str) -> dict:
     if (path / "model.pt").is_file():
         from .checkpoint import load_tokenizer, read_meta
 
