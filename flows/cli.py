@@ -36,6 +36,7 @@ _OPTIONS: list[tuple[str, type[BaseModel], str, str, dict]] = [
     ("tokenize", TokenizeConfig, "part_chars", "--part-chars", {"type": int}),
     ("tokenize", TokenizeConfig, "dask", "--dask", {"action": "store_true"}),
     ("tokenize", TokenizeConfig, "dask_address", "--dask-address", {"metavar": "tcp://HOST:PORT"}),
+    ("tokenize", TokenizeConfig, "word_splitter", "--word-splitter", {"metavar": "mecab:DIC|basic"}),
     ("vocab", VocabConfig, "vocab_size", "--vocab-size", {"type": int}),
     ("vocab", VocabConfig, "min_frequency", "--min-frequency", {"type": int}),
     ("vocab", VocabConfig, "limit_alphabet", "--limit-alphabet", {"type": int}),

@@ -126,9 +126,9 @@ class TokenizeConfig(_Config):
     @field_validator("word_splitter")
     @classmethod
     def _splitter(cls, value: str) -> str:
-        from .tokenizer import parse_splitter
+        from .tokenizer import check_splitter
 
-        parse_splitter(value)
+        check_splitter(value)  # known, and its dictionary installed
         return value
 
     def fingerprint_fields(self) -> dict:
