@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def seed_recipe(ck: Path, data: Data, steps: int, out: Path) -> dict:
     examples = [{k: masked[k][i] for k in ("input_ids", "attention_mask", "labels")} for i in range(len(data.train_texts))]
     model = BertForMaskedLM.from_pretrained(ck)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=16, max_steps=steps, learning_rate=5e-5,
-                             warmup_ratio=0.06, weight_decay=0.01, logging_steps=1, save_strategy="no", report_to=[],
+                             warmup_steps=max(1, math.ceil(0.06 * steps)), weight_decay=0.01, logging_steps=1, save_strategy="no", report_to=[],
                              use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=default_data_collator)
     seen = {"useful": 0}

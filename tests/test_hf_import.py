@@ -120,6 +120,19 @@ def test_logits_and_ids_equal_transformers(case, sentences, tmp_path) -> None:
     assert again.spec() == tokenizer.spec()
     assert [again.encode_text(t) for t in texts] == [tokenizer.encode_text(t) for t in texts]
     assert again.split_words(texts[0]) == tokenizer.split_words(texts[0])
+    # and exports back in the format it came in: transformers reads the same tokenizer and logits
+    from mlm_core.hf_export import export_hf
+
+    out = export_hf(tmp_path / "melos", tmp_path / "export")
+    tc = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert (tc["word_tokenizer_type"], tc["subword_tokenizer_type"], tc["do_lower_case"]) == (
+        opts.get("word_type", "mecab"), opts.get("subword", "wordpiece"), opts.get("lower", False))
+    assert tc.get("mecab_kwargs", {}).get("mecab_dic") == opts.get("dic")
+    back_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert [back_tok(t, add_special_tokens=False)["input_ids"] for t in texts] == [tokenizer.encode_text(t) for t in texts]
+    with torch.no_grad():
+        back = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()(input_ids=input_ids, attention_mask=mask).logits
+    assert torch.allclose(back[real], theirs[real], atol=1e-5, rtol=1e-4)
 
 
 def test_ipadic_words_and_parts_of_speech(ipadic_dir) -> None:
