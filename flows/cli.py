@@ -616,6 +616,9 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         configs = configs_from_args(ns)
         grid = grid_from_args(ns)
         setting_configs(configs["train"], grid, ns.seeds)  # every setting valid before anything starts
+        from flows.init_from import check_grid_sources
+
+        check_grid_sources(configs["train"], grid, ns.workdir, ns.tracking_uri)  # --grid init-from=none,DIR
     except ValidationError as exc:
         raise SystemExit(f"melos: invalid option: {_one_line(exc)}") from None
     except ValueError as exc:

@@ -86,3 +86,21 @@ def apply_to_configs(configs: dict, source: str, workdir: str, tracking_uri: str
     init = resolve_init(source, workdir, tracking_uri)
     return {**configs, "tokenize": init_tokenize_config(configs["tokenize"], init),
             "train": finetune_train_config(configs["train"], init)}
+
+
+def compare_train_config(train: TrainConfig, init: dict) -> TrainConfig:
+    """A compare setting that continues ``init``: the checkpoint's size, and the continued
+    pre-training defaults for every field left at its from-scratch default (the shared
+    options then set the from-scratch settings; give a value in the grid to set both)."""
+    defaults = TrainConfig()
+    changed = {f for f in TrainConfig.model_fields if getattr(train, f) != getattr(defaults, f)} - set(_SHAPE)
+    base = TrainConfig(**{f: getattr(train, f) for f in changed})
+    return finetune_train_config(base, init)
+
+
+def check_grid_sources(train: TrainConfig, grid, workdir: str, tracking_uri: str | None = None) -> None:
+    """Every ``init_from`` of a compare grid checked before any server starts (ValueError)."""
+    from mlm_core.grid import setting_jobs
+
+    for source in {source for *_, source in setting_jobs(train, grid, 1) if source is not None}:
+        resolve_init(source, workdir, tracking_uri)

@@ -18,13 +18,29 @@ from mlm_core.evaluate import (
     unigram_counts,
     write_report,
 )
+from mlm_core.pll import pll_per_character
 from mlm_core.train import resolve_device
 
 from .tracking import StageRun, run_url, stage_run
 from .train import encoded_split, load_tokenizer
 
 
-INITIAL = "eval/initial_"  # the starting checkpoint's scores, before continued pre-training
+INITIAL = "eval/initial_"
+
+
+def heldout_texts(shards: dict, cfg: EvalConfig) -> list[str]:
+    """A fixed, seeded sample of held-out sentence texts (``pll_sentences`` of them, 64 when 0):
+    the same sentences for any tokenizer, as the split hashes the texts."""
+    from mlm_core.data import eval_sample
+    from mlm_core.io import read_json
+    from mlm_core.shards import iter_rows, shard_paths
+
+    from .common import MANIFEST
+
+    paths = shard_paths(Path(shards["dir"]), "heldout", read_json(Path(shards["dir"]) / MANIFEST))
+    texts = [t for batch in iter_rows(paths, ["text"]) for t in batch.column(0).to_pylist()]
+    chosen = eval_sample(len(texts), cfg.pll_sentences or 64, cfg.seed + 2)
+    return texts if chosen is None else [texts[i] for i in chosen]  # the starting checkpoint's scores, before continued pre-training
 
 
 def before_after(initial: dict, after: dict) -> str:
@@ -68,7 +84,7 @@ def initial_evaluate_stage(
 @task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
 def evaluate_stage(
     shards: dict, vocab: dict, trained: dict, cfg: EvalConfig, runtime: RuntimeConfig, workdir: str,
-    parent_run_id: str, initial: dict | None = None, init: dict | None = None,
+    parent_run_id: str, initial: dict | None = None, init: dict | None = None, char_level: bool = False,
 ) -> dict:
     logger = get_run_logger()
     device, _ = resolve_device(runtime)
@@ -83,6 +99,8 @@ def evaluate_stage(
             model, tokenizer, heldout, unigram_counts(train_corpus, len(tokenizer)), cfg, device,
             train_class_counts=class_unigram_counts(train_corpus, len(tokenizer)),
         )
+        if char_level:  # a score that does not depend on the tokenizer (compare across tokenizers)
+            metrics.update(pll_per_character(model, tokenizer, heldout_texts(shards, cfg), device))
         examples = [  # words split by the tokenizer's own splitter (the checkpoint's, with --init-from)
             {"text": text, "predictions": fill_mask(model, tokenizer, text, cfg.top_k, None, device)}
             for text in cfg.fill_mask_examples

@@ -164,3 +164,27 @@ def test_bad_init_from_fails_in_one_line_before_any_server(case, checkpoint, tmp
     assert {"missing": "no such directory", "no config": "no config.json", "roberta": "'roberta'",
             "hub id not cached": "HF_HUB_OFFLINE", "model size": "hidden_size 32"}[case] in message
     assert time.monotonic() - started < 20 and not (tmp_path / "w").exists()  # nothing ran
+
+
+def test_compare_scratch_against_a_checkpoint(prefect_harness, sqlite_tracking, checkpoint, tmp_path) -> None:
+    """``--grid init-from=none,DIR``: each starting point gets its own tokenizer's data stages,
+    both are scored on the same held-out sentences, and per character, as their tokenizers differ."""
+    from flows.compare import compare
+
+    train = TrainConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=64, max_steps=4,
+                        checkpoint_every=4, tokens_per_batch=1024)
+    result = compare(grid={"init_from": ["none", str(checkpoint)]}, train=train,
+                     evaluate=EvalConfig(passes=1, pll_sentences=6), runtime=RuntimeConfig(num_threads=1),
+                     workdir=str(tmp_path / "work"), experiment="melos-compare-init")
+    runs = {r["label"]: r for r in result["runs"]}
+    scratch, adapted = runs["init_from=none"], runs[f"init_from={checkpoint}"]
+    for r in (scratch, adapted):
+        assert np.isfinite(r["metrics"]["eval/pll_per_char"]) and r["metrics"]["eval/pll_per_char"] < 0
+    assert scratch["metrics"]["eval/pll_chars"] == adapted["metrics"]["eval/pll_chars"]  # the same sentences
+    assert "pll_per_char" in result["markdown"] and "different tokenizers" in result["markdown"]
+    params = {label: sqlite_tracking.get_run(r["mlflow_run_id"]).data.params for label, r in runs.items()}
+    scratch_p, adapted_p = params["init_from=none"], params[f"init_from={checkpoint}"]
+    assert (scratch_p["train.num_layers"], scratch_p["train.learning_rate"]) == ("1", "0.001")
+    # the checkpoint's size, and the continued pre-training learning rate (left at its default here)
+    assert (adapted_p["train.num_layers"], float(adapted_p["train.learning_rate"])) == ("2", 5e-05)
+    assert len(list((tmp_path / "work" / "tokenize").glob("*/manifest.json"))) == 2  # unidic-lite and IPAdic words
