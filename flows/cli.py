@@ -45,6 +45,7 @@ _OPTIONS: list[tuple[str, type[BaseModel], str, str, dict]] = [
     ("tokenize", TokenizeConfig, "part_chars", "--part-chars", {"type": int}),
     ("tokenize", TokenizeConfig, "dask", "--dask", {"action": "store_true"}),
     ("tokenize", TokenizeConfig, "dask_address", "--dask-address", {"metavar": "tcp://HOST:PORT"}),
+    ("tokenize", TokenizeConfig, "word_splitter", "--word-splitter", {"metavar": "mecab:DIC|basic"}),
     ("vocab", VocabConfig, "vocab_size", "--vocab-size", {"type": int}),
     ("vocab", VocabConfig, "min_frequency", "--min-frequency", {"type": int}),
     ("vocab", VocabConfig, "limit_alphabet", "--limit-alphabet", {"type": int}),
@@ -166,11 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
         "  melos pretrain --source aozora:author=35,879 --workers 4\n"
         "  melos pretrain --source 'jsonl:wiki.jsonl?field=text' --dask-address tcp://scheduler:8786\n"
         "  melos pretrain --epochs 20 --mask-rate 0.2 --masking static --seed 1\n"
-        "  melos pretrain --resume            # continue an interrupted run with the same settings",
+        "  melos pretrain --resume            # continue an interrupted run with the same settings\n"
+        "  melos pretrain --init-from tohoku-nlp/bert-base-japanese-v3 --budget-minutes 30",
         formatter_class=_HelpFormatter,
     )
     _add_config_options(p, _SECTIONS)
     run = p.add_argument_group("run")
+    run.add_argument(
+        "--init-from", metavar="SOURCE", default=None,
+        help="continue pre-training this BERT instead of starting from random weights: a Hugging Face model "
+        "directory, a hub id in the local Hugging Face cache (downloaded unless HF_HUB_OFFLINE is set), a Melos "
+        "model directory, or run:<id>|latest. Its tokenizer and vocabulary are used and its size kept; unless "
+        "given, --lr becomes 5e-05, --epochs 3, --dropout the checkpoint's",
+    )
     run.add_argument("--workdir", default="melos-work", help="directory for all stage outputs (default: melos-work)")
     run.add_argument("--experiment", default="melos", help="MLflow experiment name (default: melos)")
     run.add_argument("--resume", action="store_true", help="continue the last run with the same settings from its latest checkpoint")
@@ -510,6 +519,13 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
         check_sources(configs["download"])
     except SourceError as exc:
         raise SystemExit(f"melos: {exc}") from None
+    if ns.init_from:  # checked (and the continued pre-training defaults applied) before any server starts
+        from flows.init_from import apply_to_configs
+
+        try:
+            configs = apply_to_configs(configs, ns.init_from, ns.workdir, ns.tracking_uri)
+        except ValueError as exc:
+            raise SystemExit(f"melos: {exc}") from None
     from flows.pretrain import pretrain
     from tasks.locks import RunBusyError
     from tasks.tracking import TrackingOutage
@@ -517,7 +533,7 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
     try:
         result = _run_flow(pretrain, "run the same command with --resume to continue",
                            **configs, workdir=ns.workdir, experiment=ns.experiment, resume=ns.resume,
-                           register_as=ns.register_as, on_busy=ns.on_busy)
+                           register_as=ns.register_as, on_busy=ns.on_busy, init_from=ns.init_from)
     except (SourceError, RunBusyError, TrackingOutage) as exc:  # the traceback is in the flow run's log already; one line here
         raise SystemExit(f"melos: {exc}") from None
     if isinstance(result, _StoppedExit):
@@ -530,6 +546,10 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
     print(f"MLflow run:  {result['mlflow_run_id']}")
     print(f"model:       {result['model_dir']}")
     print(f"report:      {result['report']}")
+    if result.get("initial_metrics"):
+        from tasks.evaluate import before_after
+
+        print(f"continued:   {result['init_from']}: held-out {before_after(result['initial_metrics'], m)}")
     print(
         f"held-out:    top-1 {m['eval/top1_accuracy']:.4f} (unigram baseline {m['eval/unigram_top1_accuracy']:.4f}), "
         f"top-5 {m['eval/top5_accuracy']:.4f} (baseline {m['eval/unigram_top5_accuracy']:.4f}), "
@@ -648,6 +668,9 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         configs = configs_from_args(ns)
         grid = grid_from_args(ns)
         setting_configs(configs["train"], grid, ns.seeds)  # every setting valid before anything starts
+        from flows.init_from import check_grid_sources
+
+        check_grid_sources(configs["train"], grid, ns.workdir, ns.tracking_uri)  # --grid init-from=none,DIR
     except ValidationError as exc:
         raise SystemExit(f"melos: invalid option: {_one_line(exc)}") from None
     except ValueError as exc:

@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 from mlm_core.config import DownloadConfig, EvalConfig, RuntimeConfig, TokenizeConfig, TrainConfig, VocabConfig
 from mlm_core.download import download_key
 from mlm_core.io import atomic_dir
-from mlm_core.grid import as_params, csv_table, describe, markdown_table, setting_configs, summarise
+from mlm_core.grid import as_params, csv_table, describe, markdown_table, setting_jobs, summarise
 from mlm_core.shards import tokenize_key
 from mlm_core.vocab import vocab_key
 from tasks import tracking
@@ -30,25 +30,28 @@ from tasks.download import download_stage
 from tasks.evaluate import evaluate_stage
 from tasks.tokenize import tokenize_stage
 from tasks.train import train_stage
-from tasks.vocab import vocab_stage
+from tasks.vocab import adopt_vocab_stage, adopted_key, vocab_stage
 
+from .init_from import compare_train_config, init_tokenize_config, resolve_init
 from .pretrain import data_stage
 
 TAG_COMPARISON = "melos.comparison"
 TAG_SETTING = "melos.setting"
 TABLE_METRICS = (
     "eval/top1_accuracy", "eval/top5_accuracy", "eval/wwm_top1_accuracy", "eval/pseudo_perplexity", "eval/loss",
-    "eval/unigram_top1_accuracy",
+    "eval/unigram_top1_accuracy", "eval/pll_per_char",
 )
 
 
 @flow(name="compare-setting", description="Train and evaluate one setting of a comparison.")
 def compare_setting(
     shards: dict, vocab: dict, train: TrainConfig, evaluate: EvalConfig, runtime: RuntimeConfig, workdir: str,
-    comparison_run_id: str, label: str,
+    comparison_run_id: str, label: str, init: dict | None = None, char_level: bool = False,
 ) -> dict:
     """Train ``train`` on the prepared data and evaluate it, in an MLflow run nested under
-    ``comparison_run_id`` (tagged with the setting, for the MLflow UI's compare view)."""
+    ``comparison_run_id`` (tagged with the setting, for the MLflow UI's compare view).
+    ``init`` continues a checkpoint (``flows.init_from.resolve_init``); ``char_level`` adds the
+    tokenizer-independent ``eval/pll_per_char`` (settings with different tokenizers)."""
     client = tracking.client()
     parent = client.get_run(comparison_run_id)
     tags = {
@@ -60,8 +63,9 @@ def compare_setting(
     common = {"workdir": workdir, "parent_run_id": run_id}
     try:
         tracking.StageRun(run_id).log_params({"train": train.model_dump(), "evaluate": evaluate.model_dump()})
-        trained = train_stage(shards=shards, vocab=vocab, cfg=train, runtime=runtime, resume=False, **common)
-        report = evaluate_stage(shards=shards, vocab=vocab, trained=trained, cfg=evaluate, runtime=runtime, **common)
+        trained = train_stage(shards=shards, vocab=vocab, cfg=train, runtime=runtime, resume=False, init=init, **common)
+        report = evaluate_stage(shards=shards, vocab=vocab, trained=trained, cfg=evaluate, runtime=runtime, init=init,
+                                char_level=char_level, **common)
     except BaseException as exc:  # KILLED when stopped (Ctrl-C, SIGTERM), else FAILED
         tracking.end_run(run_id, tracking.end_status(exc))
         raise
@@ -144,7 +148,7 @@ def compare(
         deployment: 'FLOW/DEPLOYMENT' of compare_setting to fan the settings out to (None: one after another here).
     """
     logger = get_run_logger()
-    jobs_cfg = setting_configs(train, grid, seeds)  # bad grids fail before any work
+    jobs_cfg = setting_jobs(train, grid, seeds)  # bad grids fail before any work
     workdir = str(Path(workdir).resolve())
     parent = tracking.start_parent(
         experiment, run_name=flow_run.name or "compare",
@@ -152,6 +156,7 @@ def compare(
               tracking.TAG_STAGE: "compare", TAG_COMPARISON: "parent"},
     )
     logger.info("comparison run %s: %d settings x %d seeds", parent, len(jobs_cfg) // seeds, seeds)
+    inits = _resolve_inits(jobs_cfg, workdir)
     common = {"workdir": workdir, "parent_run_id": parent}
     try:
         tracking.StageRun(parent).log_params(
@@ -159,14 +164,25 @@ def compare(
              "evaluate": evaluate.model_dump(), "download": download.model_dump(), "workdir": workdir}
         )
         documents = data_stage(download_stage, "download", download_key(download), cfg=download, **common)
-        shards = data_stage(tokenize_stage, "tokenize", tokenize_key(documents["fingerprint"], tokenize),
-                            documents=documents, cfg=tokenize, **common)
-        vocabulary = data_stage(vocab_stage, "vocab", vocab_key(shards["fingerprint"], vocab), shards=shards,
-                                cfg=vocab, **common)
+        prepared = {}  # starting point -> (shards, vocabulary): each tokenizer's own data stages
+        for source, init in inits.items():
+            cfg_tok = tokenize if init is None else init_tokenize_config(tokenize, init)
+            shards = data_stage(tokenize_stage, "tokenize", tokenize_key(documents["fingerprint"], cfg_tok),
+                                documents=documents, cfg=cfg_tok, **common)
+            if init is None:
+                vocabulary = data_stage(vocab_stage, "vocab", vocab_key(shards["fingerprint"], vocab), shards=shards,
+                                        cfg=vocab, **common)
+            else:
+                vocabulary = data_stage(adopt_vocab_stage, "vocab", adopted_key(shards, init), shards=shards,
+                                        init=init, **common)
+            prepared[source] = (shards, vocabulary)
+        char_level = len({v["fingerprint"] for _, v in prepared.values()}) > 1  # tokenizers differ
         jobs = [
-            {"shards": shards, "vocab": vocabulary, "train": cfg, "evaluate": evaluate, "runtime": runtime,
-             "workdir": workdir, "comparison_run_id": parent, "label": label}
-            for label, _, cfg in jobs_cfg
+            {"shards": prepared[source][0], "vocab": prepared[source][1],
+             "train": cfg if inits[source] is None else compare_train_config(cfg, inits[source]),
+             "evaluate": evaluate, "runtime": runtime, "workdir": workdir, "comparison_run_id": parent,
+             "label": label, "init": inits[source], "char_level": char_level}
+            for label, _, cfg, source in jobs_cfg
         ]
         if deployment:
             _fan_out(deployment, [{**j, "train": j["train"].model_dump(), "evaluate": j["evaluate"].model_dump(),
@@ -175,9 +191,9 @@ def compare(
             for j in jobs:
                 compare_setting(**j)
         results = collect_results(parent)
-        order = {label: i for i, (label, _, _) in enumerate(jobs_cfg)}
+        order = {label: i for i, (label, *_) in enumerate(jobs_cfg)}
         results.sort(key=lambda r: (order.get(r["label"], len(order)), r["seed"]))
-        report = _report(parent, results, grid, seeds, train, workdir)
+        report = _report(parent, results, grid, seeds, train, workdir, char_level)
     except BaseException as exc:  # KILLED when stopped (Ctrl-C, SIGTERM), else FAILED
         tracking.end_run(parent, tracking.end_status(exc))
         raise
@@ -185,7 +201,17 @@ def compare(
     return {"mlflow_run_id": parent, "runs": results, **report}
 
 
-def _report(parent: str, results: list[dict], grid: dict | list, seeds: int, train: TrainConfig, workdir: str) -> dict:
+def _resolve_inits(jobs_cfg: list, workdir: str) -> dict[str | None, dict | None]:
+    """Each distinct starting point of the grid, checked and described (None: random weights)."""
+    out: dict[str | None, dict | None] = {}
+    for *_, source in jobs_cfg:
+        if source not in out:
+            out[source] = None if source is None else resolve_init(source, workdir)
+    return out
+
+
+def _report(parent: str, results: list[dict], grid: dict | list, seeds: int, train: TrainConfig, workdir: str,
+            char_level: bool = False) -> dict:
     from tasks.compare_plots import accuracy_bars, loss_curves, pos_bars
 
     metrics = [m for m in TABLE_METRICS if any(m in r["metrics"] for r in results)]
@@ -199,6 +225,10 @@ def _report(parent: str, results: list[dict], grid: dict | list, seeds: int, tra
         f"- **seeds per setting**: {seeds} (from {train.seed}); **budget per run**: {steps} steps, same data and masks for evaluation",
         ("- values are mean ± sample standard deviation over seeds; a difference smaller than the spreads is noise"
          if seeds > 1 else "- one seed per setting: no spread to tell a difference from noise (--seeds 3 gives one)"),
+        *(["- the settings use different tokenizers (vocabularies or word splitters), so the subword scores (top-1, "
+           "top-5, loss, pseudo-perplexity) count different units; compare them at the character level with "
+           "`pll_per_char`: the pseudo-log-likelihood (word-l2r) of the same held-out sentences divided by their "
+           "characters (higher is better), which no tokenizer changes"] if char_level else []),
         "", table, "",
     ])
     run = tracking.StageRun(parent)

@@ -54,6 +54,11 @@ def evaluate_corpus(
     """
     logger = get_run_logger()
     workdir = str(Path(workdir).resolve())
+    from mlm_core.checkpoint import load_tokenizer
+
+    # the corpus is split into words as the model's own tokenizer splits them (IPAdic for a model
+    # continued from an IPAdic checkpoint)
+    tokenize = tokenize.model_copy(update={"word_splitter": load_tokenizer(Path(model_dir)).splitter})
     tags = {tracking.TAG_FLOW_RUN: str(flow_run.id), tracking.TAG_FLOW_RUN_NAME: flow_run.name or "",
             tracking.TAG_STAGE: STAGE, TAG_MODEL_RUN: model_run_id or "", "melos.model_dir": model_dir}
     parent = tracking.start_parent(experiment, run_name=f"evaluate {', '.join(download.sources)}", tags=tags)

@@ -18,11 +18,11 @@ from mlm_core.vocab import vocab_key
 from tasks import locks, tracking
 from tasks.common import run_cached, stage_dir
 from tasks.download import download_stage
-from tasks.evaluate import evaluate_stage
+from tasks.evaluate import evaluate_stage, initial_evaluate_stage
 from tasks.publish import publish_stage
 from tasks.tokenize import tokenize_stage
 from tasks.train import train_run_dir, train_stage
-from tasks.vocab import vocab_stage
+from tasks.vocab import adopt_vocab_stage, adopted_key, vocab_stage
 
 
 @flow(name="pretrain", description="Pre-train a Japanese BERT masked LM from scratch and evaluate it.")
@@ -38,6 +38,7 @@ def pretrain(
     resume: bool = False,
     register_as: str | None = None,
     on_busy: Literal["wait", "fail"] = "wait",
+    init_from: str | None = None,
 ) -> dict:
     """Run the whole pipeline; returns the evaluation metrics and the MLflow run id.
 
@@ -55,9 +56,22 @@ def pretrain(
             'champion' moves to it only if its held-out top-1 beats the current champion's.
         on_busy: when a live run with the same settings is training in the same work directory:
             'wait' for it to finish, or 'fail' at once naming its process and MLflow run id.
+        init_from: continue this checkpoint instead of training from random weights: a Hugging
+            Face model directory, a hub id in the local cache, a Melos model directory or
+            run:<id>|latest. Its tokenizer splits the words and its vocabulary is adopted; the
+            model's size is the checkpoint's. (`melos pretrain --init-from` also applies the
+            continued pre-training defaults: see flows.init_from.FINETUNE_DEFAULTS.)
     """
     logger = get_run_logger()
     workdir = str(Path(workdir).resolve())
+    init = None
+    if init_from:
+        from flows.init_from import init_tokenize_config, resolve_init, with_checkpoint_shape
+
+        init = resolve_init(init_from, workdir)
+        tokenize, train = init_tokenize_config(tokenize, init), with_checkpoint_shape(train, init)
+        logger.info("continuing %s (%s, %s words, %s subwords)", init_from, init["dir"], init["tokenizer"]["splitter"],
+                    init["tokenizer"]["subword"])
     parent = tracking.start_parent(
         experiment,
         run_name=flow_run.name or "pretrain",
@@ -69,27 +83,39 @@ def pretrain(
     common = {"workdir": workdir, "parent_run_id": parent}
     try:
         tracking.StageRun(parent).log_params(
-            {**{name: cfg.model_dump() for name, cfg in configs.items()}, "workdir": workdir, "resume": resume}
+            {**{name: cfg.model_dump() for name, cfg in configs.items()}, "workdir": workdir, "resume": resume,
+             **({"init_from": init_from, "init_from.dir": init["dir"], "init_from.license": init["license"]}
+                if init else {})}
         )
         documents = data_stage(download_stage, "download", download_key(download), cfg=download, **common)
         shards = data_stage(
             tokenize_stage, "tokenize", tokenize_key(documents["fingerprint"], tokenize),
             documents=documents, cfg=tokenize, **common,
         )
-        vocabulary = data_stage(
-            vocab_stage, "vocab", vocab_key(shards["fingerprint"], vocab), shards=shards, cfg=vocab, **common
-        )
-        run_dir = train_run_dir(shards, vocabulary, train, workdir)
+        if init is None:
+            vocabulary = data_stage(
+                vocab_stage, "vocab", vocab_key(shards["fingerprint"], vocab), shards=shards, cfg=vocab, **common
+            )
+        else:  # the checkpoint's vocabulary: its ids are what the weights were trained on
+            vocabulary = data_stage(adopt_vocab_stage, "vocab", adopted_key(shards, init), shards=shards, init=init,
+                                    **common)
+        run_dir = train_run_dir(shards, vocabulary, train, workdir, init)
         # held until the model is evaluated and published: a second run with these settings
         # would otherwise replace or move this run's checkpoints and model under it
         with locks.acquire_run_lock(run_dir.with_name(run_dir.name + ".lock"), parent, on_busy, logger.info) as lock:
             take_over(lock, parent, logger)
             try:
+                initial = None
+                if init is not None:  # the checkpoint untouched, on the same held-out masks
+                    initial = initial_evaluate_stage(
+                        shards=shards, vocab=vocabulary, init=init, cfg=evaluate, runtime=runtime, **common
+                    )
                 trained = train_stage(
-                    shards=shards, vocab=vocabulary, cfg=train, runtime=runtime, resume=resume, **common
+                    shards=shards, vocab=vocabulary, cfg=train, runtime=runtime, resume=resume, init=init, **common
                 )
                 report = evaluate_stage(
-                    shards=shards, vocab=vocabulary, trained=trained, cfg=evaluate, runtime=runtime, **common
+                    shards=shards, vocab=vocabulary, trained=trained, cfg=evaluate, runtime=runtime,
+                    initial=initial, init=init, **common
                 )
                 published = publish_stage(
                     documents=documents, shards=shards, vocab=vocabulary, trained=trained, report=report,
@@ -107,6 +133,8 @@ def pretrain(
     return {
         "mlflow_run_id": parent,
         "metrics": report["metrics"],
+        "initial_metrics": report.get("initial_metrics"),
+        "init_from": init_from,
         "fill_mask": report["fill_mask"],
         "report": report["report"],
         "model_dir": trained["model_dir"],

@@ -168,6 +168,9 @@ def run_row(run, experiment: str, store: str) -> dict:
         "top5": m.get("eval/top5_accuracy"),
         "unigram_top1": m.get("eval/unigram_top1_accuracy"),
         "unigram_top5": m.get("eval/unigram_top5_accuracy"),
+        "init_from": p.get("init_from"),
+        "initial_top1": m.get("eval/initial_top1_accuracy"),
+        "initial_top5": m.get("eval/initial_top5_accuracy"),
     }
 
 
@@ -197,9 +200,11 @@ def format_table(rows: list[dict]) -> str:
     lines = [header] + [
         [
             r["run_id"], r["name"] or "", r["started"], r["status"], ", ".join(r["corpus"]) or "-",
-            f"{r['layers']}L x {r['hidden_size']}" if r["layers"] and r["hidden_size"] else "-",
+            (f"{r['layers']}L x {r['hidden_size']}" if r["layers"] and r["hidden_size"] else "-")
+            + (f" from {r['init_from']}" if r.get("init_from") else ""),
             f"{r['masking']} {_rate_text(r['mask_rate'])}" if r["masking"] and r["mask_rate"] is not None else "-",
-            _vs(r["top1"], r["unigram_top1"]), _vs(r["top5"], r["unigram_top5"]), _duration(r["wall_s"]),
+            _vs(r["top1"], r["unigram_top1"], r.get("initial_top1")),
+            _vs(r["top5"], r["unigram_top5"], r.get("initial_top5")), _duration(r["wall_s"]),
         ]
         for r in rows
     ]
@@ -207,10 +212,12 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def _vs(value: float | None, baseline: float | None) -> str:
+def _vs(value: float | None, baseline: float | None, initial: float | None = None) -> str:
+    """``0.550 (0.120)``; a run continued from a checkpoint shows where it started: ``0.410 → 0.550 (0.120)``."""
     if value is None:
         return "-"
-    return f"{value:.3f} ({baseline:.3f})" if baseline is not None else f"{value:.3f}"
+    text = f"{initial:.3f} → {value:.3f}" if initial is not None else f"{value:.3f}"
+    return f"{text} ({baseline:.3f})" if baseline is not None else text
 
 
 def _duration(seconds: float | None) -> str:

@@ -2,7 +2,7 @@
 
 Layout of one checkpoint directory (written under a temporary name, then renamed)::
 
-    config.json      model config, training config, fingerprint, step
+    config.json      model config, tokenizer spec, training config, fingerprint, step
     vocab.txt        the vocabulary (BERT format)
     model.pt         model state_dict
     optimizer.pt     optimizer state_dict            (training checkpoints only)
@@ -42,7 +42,9 @@ def save_model_dir(path: Path, model: BertForMaskedLM, tokenizer: WordPieceToken
 
 def _write_model_files(tmp: Path, model: BertForMaskedLM, tokenizer: WordPieceTokenizer, meta: dict) -> None:
     (tmp / CONFIG).write_text(
-        json.dumps({"model": model.config.model_dump(), **meta}, ensure_ascii=False, indent=2), encoding="utf-8"
+        json.dumps({"model": model.config.model_dump(), "tokenizer": tokenizer.spec(), **meta}, ensure_ascii=False,
+                   indent=2),
+        encoding="utf-8",
     )
     tokenizer.save(tmp / VOCAB)
     torch.save(model.state_dict(), tmp / MODEL)
@@ -128,4 +130,11 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     model = BertForMaskedLM(ModelConfig(**meta["model"]))
     model.load_state_dict(torch.load(path / MODEL, map_location=device, weights_only=True))
     model.to(device).eval()
-    return model, WordPieceTokenizer.from_file(path / VOCAB)
+    return model, load_tokenizer(path, meta)
+
+
+def load_tokenizer(path: Path, meta: dict | None = None) -> WordPieceTokenizer:
+    """The tokenizer of a model directory: its vocab.txt with the recorded spec (word splitter,
+    subwords); models saved before the spec was recorded use Melos's own (MeCab + unidic-lite)."""
+    meta = read_meta(path) if meta is None else meta
+    return WordPieceTokenizer.from_file(path / VOCAB, **meta.get("tokenizer", {}))

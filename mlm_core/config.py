@@ -116,6 +116,26 @@ class TokenizeConfig(_Config):
             "--dask starts a local cluster of --workers processes. Outputs must be on storage every worker sees."
         ),
     )
+    word_splitter: str = Field(
+        "mecab:unidic_lite",
+        description="How sentences are cut into words: mecab:unidic_lite (Melos's own), mecab:ipadic, mecab:unidic "
+        "or basic (Hugging Face's BasicTokenizer), each optionally with :lower. --init-from sets it to the "
+        "checkpoint's own.",
+    )
+
+    @field_validator("word_splitter")
+    @classmethod
+    def _splitter(cls, value: str) -> str:
+        from .tokenizer import check_splitter
+
+        check_splitter(value)  # known, and its dictionary installed
+        return value
+
+    def fingerprint_fields(self) -> dict:
+        fields = super().fingerprint_fields()
+        if fields.get("word_splitter") == "mecab:unidic_lite":  # outputs cached before the field existed stay valid
+            del fields["word_splitter"]
+        return fields
 
 
 class VocabConfig(_Config):

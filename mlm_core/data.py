@@ -37,11 +37,19 @@ POS_CLASSES = (
     "助詞", "接頭辞", "接尾辞", "記号", "補助記号", "空白", "その他",
 )
 _POS_INDEX = {p: i for i, p in enumerate(POS_CLASSES)}
+# IPAdic's tags (checkpoints whose tokenizer uses mecab_dic "ipadic") in UniDic's classes; no
+# UniDic tag has these names, so UniDic corpora are read as before.
+_POS_INDEX.update({tag: _POS_INDEX[cls] for tag, cls in {
+    "接頭詞": "接頭辞", "名詞-代名詞": "代名詞", "名詞-形容動詞語幹": "形状詞", "名詞-接尾": "接尾辞",
+    "記号-句点": "補助記号", "記号-読点": "補助記号", "記号-括弧開": "補助記号", "記号-括弧閉": "補助記号",
+    "記号-空白": "空白",
+}.items()})
 
 
 def pos_class(pos: str) -> int:
     """Index in ``POS_CLASSES`` of a shard POS tag such as ``名詞-普通名詞`` (unknown: その他)."""
-    return _POS_INDEX.get(pos.split("-", 1)[0], len(POS_CLASSES) - 1)
+    found = _POS_INDEX.get(pos)
+    return found if found is not None else _POS_INDEX.get(pos.split("-", 1)[0], len(POS_CLASSES) - 1)
 
 
 def encode_key(shards_fingerprint: str, vocab_fingerprint: str, split: str, max_length: int) -> str:

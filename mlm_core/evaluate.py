@@ -316,7 +316,7 @@ def fill_mask(
     A typed [MASK] stands for a whole word (the text is cut into MeCab words around it), so
     it is never filled with a ``##`` continuation piece: those are left out of the top k
     (the probabilities shown are the model's, not renormalised)."""
-    ids = tokenizer.encode_text(text, mecab or MecabWords())
+    ids = tokenizer.encode_text(text, mecab)  # None: the tokenizer's own word splitter
     if tokenizer.mask_id not in ids:
         raise ValueError(f"no [MASK] in {text!r}: write the token to predict as [MASK]")
     limit = model.config.max_position_embeddings - 2

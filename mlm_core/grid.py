@@ -33,7 +33,19 @@ def parse_grid_arg(text: str) -> tuple[str, list[str]]:
     return field, items
 
 
+# Not a training setting but the starting point: "none" (random weights) or an --init-from SOURCE.
+INIT_FIELD = "init_from"
+
+
+def init_value(value: Any) -> str | None:
+    """An ``init_from`` grid value: None for from-scratch ("none", empty), else the SOURCE."""
+    text = "" if value is None else str(value).strip()
+    return None if text.lower() in ("", "none", "null", "scratch") else text
+
+
 def _check_field(field: str) -> None:
+    if field == INIT_FIELD:
+        return
     if field not in TrainConfig.model_fields:
         raise ValueError(
             f"--grid {field}: not a training setting; use one of {', '.join(sorted(TrainConfig.model_fields))}"
@@ -105,6 +117,11 @@ def label(setting: Mapping[str, Any]) -> str:
 def setting_configs(base: TrainConfig, grid: Grid, seeds: int) -> list[tuple[str, int, TrainConfig]]:
     """(label, seed, config) of each setting x seed; seeds are base.seed, base.seed + 1, ...
     so every setting sees the same seeds. Invalid values fail here, before any training."""
+    return [(name, seed, cfg) for name, seed, cfg, _ in setting_jobs(base, grid, seeds)]
+
+
+def setting_jobs(base: TrainConfig, grid: Grid, seeds: int) -> list[tuple[str, int, TrainConfig, str | None]]:
+    """``setting_configs`` with each setting's starting point (``init_from``: None = random weights)."""
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     if base.budget_minutes is not None:
@@ -113,14 +130,16 @@ def setting_configs(base: TrainConfig, grid: Grid, seeds: int) -> list[tuple[str
         )
     out = []
     for setting in settings(check_grid(grid)):
+        init = init_value(setting.get(INIT_FIELD))
+        train_setting = {k: v for k, v in setting.items() if k != INIT_FIELD}
         for s in range(seeds):
-            values = {**base.model_dump(), **setting, "seed": base.seed + s}
+            values = {**base.model_dump(), **train_setting, "seed": base.seed + s}
             try:
                 cfg = TrainConfig(**values)
             except ValidationError as exc:
                 first = exc.errors()[0]
                 raise ValueError(f"setting {label(setting)}: {first['msg'].removeprefix('Value error, ')}") from None
-            out.append((label(setting), base.seed + s, cfg))
+            out.append((label(setting), base.seed + s, cfg, init))
     return out
 
 

@@ -21,30 +21,37 @@ from .checkpoint import load_pretrained, read_meta
 from .evaluate import metrics_table
 from .io import atomic_dir, usual_mode
 from .model import hf_config_dict, to_hf_state_dict
-from .tokenizer import CLS, MASK, PAD, SEP, UNK
+from .tokenizer import CLS, DEFAULT_SPLITTER, MASK, PAD, SEP, UNK, parse_splitter
 
 CARD_FILE = "card.json"  # what the pipeline records about a model, beside its model/ directory
 # HF re-creates these from the tie on load; safetensors refuses to store shared tensors twice
 _TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+_TIED_BIAS = ("cls.predictions.decoder.bias",)  # an untied decoder still shares its bias
 
 
-def hf_tokenizer_config(max_length: int) -> dict:
+def hf_tokenizer_config(max_length: int, spec: dict | None = None) -> dict:
     """``tokenizer_config.json`` for BertJapaneseTokenizer matching Melos's tokenizer.
 
-    HF's WordPiece always turns words over 100 characters into [UNK], Melos's default
-    ``max_input_chars_per_word``; a vocabulary built with another limit differs there."""
-    return {
+    ``spec`` is the tokenizer's own (``WordPieceTokenizer.spec()``): a model continued from a
+    published checkpoint goes out with the word splitter, dictionary, subwords and casing it
+    came in with (an IPAdic model stays IPAdic). HF's WordPiece always turns words over 100
+    characters into [UNK], Melos's default ``max_input_chars_per_word``; a vocabulary built
+    with another limit differs there."""
+    spec = spec or {}
+    kind, dic, lower = parse_splitter(spec.get("splitter") or DEFAULT_SPLITTER)
+    config = {
         "tokenizer_class": "BertJapaneseTokenizer",
-        "do_lower_case": False,
+        "do_lower_case": lower,
         "do_word_tokenize": True,
         "do_subword_tokenize": True,
-        "word_tokenizer_type": "mecab",
-        "subword_tokenizer_type": "wordpiece",
-        # HF's MecabTokenizer defaults to ipadic; Melos splits words with unidic-lite
-        "mecab_kwargs": {"mecab_dic": "unidic_lite"},
-        "model_max_length": max_length,
+        "word_tokenizer_type": kind,
+        "subword_tokenizer_type": spec.get("subword") or "wordpiece",
+        "model_max_length": spec.get("model_max_length") or max_length,
         "unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK,
     }
+    if kind == "mecab":  # named always: HF's default dictionary has changed between versions
+        config["mecab_kwargs"] = {"mecab_dic": dic}
+    return config
 
 
 def export_hf(model_dir: str | Path, out_dir: str | Path, card: dict | None = None, *, overwrite: bool = False) -> Path:
@@ -58,13 +65,13 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, card: dict | None = No
     meta = read_meta(Path(model_dir))
     config = model.config
     state = to_hf_state_dict(model.state_dict(), config)
-    tensors = {k: v.detach().contiguous() for k, v in state.items() if k not in _TIED}
+    shared = _TIED if config.tie_word_embeddings else _TIED_BIAS
+    tensors = {k: v.detach().contiguous() for k, v in state.items() if k not in shared}
     hf_config = {
         "architectures": ["BertForMaskedLM"],
         "model_type": "bert",
         **hf_config_dict(config),
         "position_embedding_type": "absolute",
-        "tie_word_embeddings": True,
         "tokenizer_class": "BertJapaneseTokenizer",
         "torch_dtype": "float32",
     }
@@ -73,7 +80,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, card: dict | None = No
         usual_mode(tmp / "model.safetensors")  # safetensors writes it owner-only (0600)
         _write_json(tmp / "config.json", hf_config)
         tokenizer.save(tmp / "vocab.txt")
-        _write_json(tmp / "tokenizer_config.json", hf_tokenizer_config(config.max_position_embeddings))
+        _write_json(tmp / "tokenizer_config.json", hf_tokenizer_config(config.max_position_embeddings, tokenizer.spec()))
         _write_json(
             tmp / "special_tokens_map.json",
             {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK},
@@ -96,6 +103,15 @@ def model_card(meta: dict, params: int, params_no_emb: int, card: dict | None) -
     card = card or {}
     m = meta["model"]
     run_id = card.get("mlflow_run_id")
+    init = meta.get("init_from")
+    spec = meta.get("tokenizer") or {}
+    kind, dic, lower = parse_splitter(spec.get("splitter") or DEFAULT_SPLITTER)
+    package = {"unidic_lite": "unidic-lite", "ipadic": "ipadic", "unidic": "unidic"}.get(dic or "")
+    words = f"MeCab words (fugashi + {package})" if kind == "mecab" else "words split on whitespace and punctuation"
+    subwords = ("one token per character" if spec.get("subword") == "character"
+                else "WordPiece subwords with `##` continuations")
+    how = (f"continued from `{init.get('name') or init.get('source')}` (its weights, vocabulary and tokenizer) on "
+           "Japanese text" if init else "pre-trained from scratch on Japanese text")
     lines = [
         "---",
         "language: ja",
@@ -106,7 +122,7 @@ def model_card(meta: dict, params: int, params_no_emb: int, card: dict | None) -
         "",
         "# Melos Japanese BERT masked language model",
         "",
-        "A BERT masked language model pre-trained from scratch on Japanese text by "
+        f"A BERT masked language model {how} by "
         "Melos (Prefect + MLflow + PyTorch)"
         + (f", MLflow run `{run_id}`." if run_id else "."),
         "",
@@ -117,22 +133,32 @@ def model_card(meta: dict, params: int, params_no_emb: int, card: dict | None) -
         "fill('メロスは[MASK]した。')",
         "```",
         "",
-        "The tokenizer needs `fugashi` and `unidic-lite` installed.",
+        (f"The tokenizer needs `fugashi` and `{package}` installed." if package else "The tokenizer needs nothing beyond transformers."),
         "",
         "## Architecture",
         "",
         f"- original post-LayerNorm BERT, {m['num_layers']} layers, hidden size {m['hidden_size']}, "
         f"{m['num_heads']} attention heads, feed-forward size {m['intermediate_size']}, GELU",
         f"- {params:,} parameters ({params_no_emb:,} without the embedding tables); "
-        "the output projection is tied to the word embeddings",
+        + ("the output projection is tied to the word embeddings" if m.get("tie_word_embeddings", True)
+           else "the output projection has its own weights"),
         f"- vocabulary {m['vocab_size']:,} tokens, at most {m['max_position_embeddings']} positions "
         f"({m['max_position_embeddings'] - 2} subwords plus [CLS] and [SEP])",
-        "- tokenizer: NFKC, MeCab words (fugashi + unidic-lite), WordPiece subwords with `##` "
-        "continuations, no lower-casing; special tokens [PAD] [UNK] [CLS] [SEP] [MASK] at ids 0-4",
-        "",
-        "## Training corpus",
+        f"- tokenizer: {'NFKC, ' if kind == 'mecab' else ''}{words}, {subwords}, "
+        f"{'lower-cased' if lower else 'no lower-casing'}; special tokens [PAD] [UNK] [CLS] [SEP] [MASK]",
         "",
     ]
+    if init:
+        lines += [
+            "## Starting checkpoint",
+            "",
+            f"- `{init.get('source')}` ({'Hugging Face' if init.get('format') == 'hf' else 'Melos'} format), "
+            f"fingerprint `{init.get('fingerprint')}`",
+            f"- its license field: {init['license']}" if init.get("license")
+            else "- its model card states no license field; check the terms of its publisher",
+            "",
+        ]
+    lines += ["## Training corpus", ""]
     docs = card.get("documents")
     if docs:
         lines += [
@@ -163,6 +189,11 @@ def model_card(meta: dict, params: int, params_no_emb: int, card: dict | None) -
             "",
             *metrics_table(metrics),
         ]
+        initial = card.get("initial_metrics") or {}
+        if "eval/initial_top1_accuracy" in initial:
+            lines += ["", f"The starting checkpoint on the same masks, before continued pre-training: top-1 "
+                      f"{initial['eval/initial_top1_accuracy']:.4f} → {metrics.get('eval/top1_accuracy', float('nan')):.4f}, "
+                      f"top-5 {initial['eval/initial_top5_accuracy']:.4f} → {metrics.get('eval/top5_accuracy', float('nan')):.4f}."]
     else:
         lines.append("Not recorded with this model.")
     lines += ["", "## Tracking", ""]
@@ -173,6 +204,10 @@ def model_card(meta: dict, params: int, params_no_emb: int, card: dict | None) -
     if not any(card.get(k) for k in ("mlflow_run_id", "train_run_id")):
         lines.append("- no MLflow run recorded with this model")
     lines += ["", "## License", ""] + _license_lines(docs)
+    if init:
+        lines += ["", f"The weights continue `{init.get('source')}`"
+                  + (f", released under `{init['license']}`: its terms apply to this model too."
+                     if init.get("license") else ", whose card names no license: its publisher's terms apply.")]
     return "\n".join(lines) + "\n"
 
 

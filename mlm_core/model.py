@@ -49,6 +49,10 @@ class ModelConfig(BaseModel):
     pad_token_id: int = Field(
         0, ge=0, description="Id of the padding token; its embedding row starts at zero."
     )
+    tie_word_embeddings: bool = Field(
+        True, description="The output projection is the word embedding table (False: its own weight, "
+        "as some published checkpoints have)."
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> ModelConfig:
@@ -183,7 +187,8 @@ class BertForMaskedLM(nn.Module):
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
         self.head = MLMHead(config)
         # weight tying: the output projection *is* the input embedding table
-        self.head.decoder.weight = self.embeddings.word.weight
+        if config.tie_word_embeddings:
+            self.head.decoder.weight = self.embeddings.word.weight
         self.apply(self._init_weights)
         with torch.no_grad():  # after apply(): re-initialising the tied decoder would undo it
             self.embeddings.word.weight[config.pad_token_id].zero_()
@@ -280,7 +285,8 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig
     """
     # torch.compile wraps the module and prefixes every key with "_orig_mod."
     sd = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
-    used: set[str] = {"head.decoder.weight"}  # the tie; exported from the embedding table
+    tied = config.tie_word_embeddings
+    used: set[str] = {"head.decoder.weight"} if tied else set()  # the tie; exported from the embedding table
 
     def take(key: str) -> torch.Tensor:
         used.add(key)
@@ -312,7 +318,7 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig
     for kind in ("weight", "bias"):
         out[cls + "transform.dense." + kind] = take("head.dense." + kind)
         out[cls + "transform.LayerNorm." + kind] = take("head.ln." + kind)
-    out[cls + "decoder.weight"] = out[emb + "word_embeddings.weight"]
+    out[cls + "decoder.weight"] = out[emb + "word_embeddings.weight"] if tied else take("head.decoder.weight")
     out[cls + "bias"] = take("head.decoder.bias")
     out[cls + "decoder.bias"] = out[cls + "bias"]
 
@@ -321,6 +327,87 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig
     if leftover:
         raise ValueError(f"state_dict keys with no Hugging Face mapping: {leftover}")
     return out
+
+
+# Names older BERT checkpoints (converted from TensorFlow) give LayerNorm parameters.
+_LEGACY_LN = (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias"))
+# Parts of a Hugging Face BERT checkpoint a masked LM does not use: the next-sentence head and
+# pooler of BertForPreTraining, and the position-id buffer older versions saved.
+_UNUSED_HF = ("cls.seq_relationship.", "bert.pooler.", "bert.embeddings.position_ids")
+
+
+def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of `to_hf_state_dict`: a Hugging Face ``BertForMaskedLM`` (or
+    ``BertForPreTraining``, whose next-sentence head and pooler are dropped) state_dict in
+    this model's names, q/k/v fused again. ValueError names missing or unknown tensors."""
+    sd: dict[str, torch.Tensor] = {}
+    for key, value in hf_state.items():
+        for old, new in _LEGACY_LN:
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+        if not key.startswith(_UNUSED_HF):
+            sd[key] = value
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in sd:
+            raise ValueError(f"the checkpoint has no tensor {key!r}; is it a BERT masked LM?")
+        used.add(key)
+        return sd[key]
+
+    out: dict[str, torch.Tensor] = {}
+    emb = "bert.embeddings."
+    out["embeddings.word.weight"] = take(emb + "word_embeddings.weight")
+    out["embeddings.position.weight"] = take(emb + "position_embeddings.weight")
+    out["embeddings.token_type.weight"] = take(emb + "token_type_embeddings.weight")
+    for kind in ("weight", "bias"):
+        out["embeddings.ln." + kind] = take(emb + "LayerNorm." + kind)
+    for i in range(config.num_layers):
+        ours, hf = f"layers.{i}.", f"bert.encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            out[ours + "attn.qkv." + kind] = torch.cat(
+                [take(hf + f"attention.self.{name}." + kind) for name in ("query", "key", "value")], dim=0
+            )
+            out[ours + "attn.proj." + kind] = take(hf + "attention.output.dense." + kind)
+            out[ours + "attn_ln." + kind] = take(hf + "attention.output.LayerNorm." + kind)
+            out[ours + "mlp.fc." + kind] = take(hf + "intermediate.dense." + kind)
+            out[ours + "mlp.proj." + kind] = take(hf + "output.dense." + kind)
+            out[ours + "mlp_ln." + kind] = take(hf + "output.LayerNorm." + kind)
+    cls = "cls.predictions."
+    for kind in ("weight", "bias"):
+        out["head.dense." + kind] = take(cls + "transform.dense." + kind)
+        out["head.ln." + kind] = take(cls + "transform.LayerNorm." + kind)
+    out["head.decoder.bias"] = take(cls + "bias") if cls + "bias" in sd else take(cls + "decoder.bias")
+    used.update(k for k in (cls + "bias", cls + "decoder.bias") if k in sd)
+    if config.tie_word_embeddings:
+        out["head.decoder.weight"] = out["embeddings.word.weight"]  # HF re-ties on load, whatever is stored
+        used.add(cls + "decoder.weight")
+    else:
+        out["head.decoder.weight"] = take(cls + "decoder.weight")
+    leftover = sorted(set(sd) - used)
+    if leftover:
+        more = f" and {len(leftover) - 3} more" if len(leftover) > 3 else ""
+        raise ValueError(f"the checkpoint has tensors a BERT masked LM does not: {', '.join(leftover[:3])}{more}")
+    return out
+
+
+def model_config_from_hf(hf: Mapping) -> ModelConfig:
+    """ModelConfig of a Hugging Face ``BertConfig`` dict (its ``config.json``)."""
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf.get("hidden_size", 768),
+        num_layers=hf.get("num_hidden_layers", 12),
+        num_heads=hf.get("num_attention_heads", 12),
+        intermediate_size=hf.get("intermediate_size", 3072),
+        max_position_embeddings=hf.get("max_position_embeddings", 512),
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        dropout=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        initializer_range=hf.get("initializer_range", 0.02),
+        pad_token_id=hf.get("pad_token_id") or 0,
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+    )
 
 
 def hf_config_dict(config: ModelConfig) -> dict:
@@ -338,5 +425,6 @@ def hf_config_dict(config: ModelConfig) -> dict:
         "layer_norm_eps": config.layer_norm_eps,
         "initializer_range": config.initializer_range,
         "pad_token_id": config.pad_token_id,
+        "tie_word_embeddings": config.tie_word_embeddings,
         "hidden_act": "gelu",
     }

@@ -75,3 +75,48 @@ def pseudo_log_likelihood(
         "eval/pll_sentences": len(sentences),
         "eval/pll_tokens": n_tokens,
     }
+
+
+@torch.no_grad()
+def pll_per_character(
+    model: BertForMaskedLM, tokenizer: WordPieceTokenizer, texts: list[str], device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Pseudo-log-likelihood (word-l2r) of ``texts`` per character of their words: a score that
+    does not depend on the tokenizer, so models with different vocabularies or word splitters
+    compare on the same sentences. A text longer than the model reads is scored in chunks of
+    whole words that fit, so every character counts for every model."""
+    model.eval()
+    limit = model.config.max_position_embeddings - 2
+    total, chars, n_tokens = 0.0, 0, 0
+    for text in texts:
+        words = tokenizer.split_words(text)
+        pieces = tokenizer.encode_words_batch([[w] for w in words])
+        chunk: list[int] = []
+        starts: list[int] = []
+        for word, ids in zip(words, pieces):
+            ids = ids[:limit]  # a single word longer than the model reads: its first pieces
+            if len(chunk) + len(ids) > limit:
+                total += _score_chunk(model, tokenizer, chunk, starts, device)
+                n_tokens, chunk, starts = n_tokens + len(chunk), [], []
+            chunk += ids
+            starts += [1] + [0] * (len(ids) - 1)
+            chars += len(word)
+        if chunk:
+            total += _score_chunk(model, tokenizer, chunk, starts, device)
+            n_tokens += len(chunk)
+    if chars == 0:
+        raise ValueError("no characters to score for the per-character pseudo-log-likelihood")
+    return {"eval/pll_per_char": total / chars, "eval/pll_char_tokens": n_tokens, "eval/pll_chars": chars}
+
+
+def _score_chunk(model: BertForMaskedLM, tokenizer: WordPieceTokenizer, ids: list[int], starts: list[int],
+                 device: torch.device | str) -> float:
+    """Summed word-l2r log-probability of ``ids`` (one sequence)."""
+    if not ids:
+        return 0.0
+    target = np.asarray(ids, dtype=np.int64)
+    rows = torch.from_numpy(word_l2r_queries(target, np.asarray(starts, dtype=np.uint8), tokenizer.cls_id,
+                                             tokenizer.sep_id, tokenizer.mask_id)).to(device)
+    query = torch.arange(len(ids), device=rows.device)
+    logits = model.head(model.encode(rows)[query, query + 1]).float()
+    return float(logits.log_softmax(-1)[query, torch.from_numpy(target).to(rows.device)].sum())

@@ -46,7 +46,7 @@ from .config import TokenizeConfig
 from .io import atomic_dir, atomic_path, atomic_write_json, exclusive, fingerprint, read_json
 from .pause import pause_point
 from .sentences import split_sentences
-from .tokenizer import MecabWords
+from .tokenizer import DEFAULT_SPLITTER, splitter_packages, word_splitter
 from .workers import exit_with
 
 SCHEMA_VERSION = 1
@@ -63,15 +63,18 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
-def analyzer_versions() -> dict[str, str]:
+def analyzer_versions(splitter: str = DEFAULT_SPLITTER) -> dict[str, str]:
     """Versions that change the words MeCab produces; part of the stage's fingerprint."""
-    return {pkg: version(pkg) for pkg in ("fugashi", "unidic-lite")}
+    if splitter == DEFAULT_SPLITTER:
+        return {pkg: version(pkg) for pkg in ("fugashi", "unidic-lite")}
+    return splitter_packages(splitter)
 
 
 def tokenize_key(upstream_fingerprint: str, cfg: TokenizeConfig) -> str:
     """Same documents + settings + analyzer -> same key -> the stage can be skipped."""
     return fingerprint(
-        "tokenize", SCHEMA_VERSION, OUTPUT_VERSION, upstream_fingerprint, cfg.fingerprint_fields(), analyzer_versions()
+        "tokenize", SCHEMA_VERSION, OUTPUT_VERSION, upstream_fingerprint, cfg.fingerprint_fields(),
+        analyzer_versions(cfg.word_splitter),
     )
 
 
@@ -112,7 +115,6 @@ WORD_COUNTS_SCHEMA = pa.schema(
     [pa.field("split", pa.string(), nullable=False), pa.field("word", pa.string(), nullable=False),
      pa.field("count", pa.int64(), nullable=False)]
 )
-_MECAB = MecabWords()  # one Tagger per process, built on first use, reused by every part
 
 # Bumped when the stage's output files change (v2: per-split word counts beside the shards).
 OUTPUT_VERSION = 2
@@ -202,7 +204,7 @@ def tokenize_part(docs_dir: str, doc_ids: list[str], parts_dir: str, name: str, 
     done = Path(parts_dir) / f"{name}.json"
     if done.is_file() and all((Path(parts_dir) / f"{name}.{kind}.arrow").is_file() for kind in _PART_FILES):
         return read_json(done)["summary"]
-    doc_col, index_col, texts, words, pos = _words_of(docs_dir, doc_ids)
+    doc_col, index_col, texts, words, pos = _words_of(docs_dir, doc_ids, cfg.word_splitter)
     table = pa.Table.from_arrays([doc_col, index_col, _string_array(texts), words, pos], schema=SHARD_SCHEMA)
     held = pa.array(list(map(heldout_test(cfg.heldout_fraction, cfg.split_salt), texts)), pa.bool_())
     tables = {"train": table.filter(pc.invert(held)), "heldout": table.filter(held)}
@@ -235,7 +237,9 @@ def _write_ipc(path: Path, table: pa.Table) -> None:
         writer.write_table(table)
 
 
-def _words_of(docs_dir: str, doc_ids: list[str]) -> tuple[pa.Array, pa.Array, list[str], pa.Array, pa.Array]:
+def _words_of(
+    docs_dir: str, doc_ids: list[str], splitter: str = DEFAULT_SPLITTER
+) -> tuple[pa.Array, pa.Array, list[str], pa.Array, pa.Array]:
     """(doc ids, sentence indexes, sentences, words, pos) of the documents' sentences that
     have words; all but the sentences are Arrow arrays.
 
@@ -243,10 +247,12 @@ def _words_of(docs_dir: str, doc_ids: list[str]) -> tuple[pa.Array, pa.Array, li
     tabs and the ids mapped to parts of speech by Arrow at once, with no Python object per
     word. ``MecabWords.split`` reads them one by one only in the rare part where that would
     differ from it (a whitespace or empty token, an odd field count) or where the
-    dictionary's context ids do not fix the parts of speech.
+    dictionary's context ids do not fix the parts of speech. ``splitter`` names the word
+    splitter (one per process, built on first use, reused by every part).
     """
-    parse = _MECAB.parser()
-    pos_by_id = _MECAB.pos_by_id()
+    words_of = word_splitter(splitter)
+    parse = words_of.parser()
+    pos_by_id = words_of.pos_by_id()
     docs: list[tuple[list[str], list[str]]] = []
     for doc_id in doc_ids:
         sentences = [s for line in iter_document_lines(Path(docs_dir) / f"{doc_id}.txt") for s in split_sentences(line)]
@@ -262,7 +268,7 @@ def _words_of(docs_dir: str, doc_ids: list[str]) -> tuple[pa.Array, pa.Array, li
         words, pos = fast or (pa.array([], pa.list_(pa.string())), pa.array([], pa.list_(pa.string())))
         return (*_document_columns(doc_ids, [len(sentences) for sentences, _ in docs]), texts, words, pos)
     texts, words_rows, pos_rows, sizes = [], [], [], []
-    read = _MECAB.split
+    read = words_of.split
     for sentences, parsed in docs:
         sizes.append(len(texts))
         for sentence, out in zip(sentences, parsed):

@@ -1,4 +1,4 @@
-"""Words with MeCab (fugashi + unidic-lite), subwords with WordPiece.
+"""Words with MeCab (fugashi + unidic-lite, or another dictionary), subwords with WordPiece.
 
 This mirrors Tohoku's Japanese BERT: MeCab splits a sentence into words, then each word
 is split into WordPiece subwords, continuations prefixed with ``##``. The WordPiece model
@@ -66,24 +66,96 @@ def pos_by_context_id(dicdir: Path) -> list[str] | None:
     return names
 
 
+DEFAULT_SPLITTER = "mecab:unidic_lite"  # Melos's own word splitter (fugashi + unidic-lite)
+MECAB_DICTIONARIES = ("unidic_lite", "ipadic", "unidic")
+# What to install for each dictionary (the pip package; unidic also needs its download step).
+_DICTIONARY_PACKAGE = {"unidic_lite": "unidic-lite", "ipadic": "ipadic", "unidic": "unidic"}
+
+
+def parse_splitter(spec: str) -> tuple[str, str | None, bool]:
+    """``mecab:DIC[:lower]`` or ``basic[:lower]`` -> (kind, dictionary or None, lower-case)."""
+    parts = spec.split(":")
+    lower = parts[-1] == "lower"
+    if lower:
+        parts = parts[:-1]
+    if parts[0] == "mecab" and len(parts) == 2 and parts[1] in MECAB_DICTIONARIES:
+        return "mecab", parts[1], lower
+    if parts == ["basic"]:
+        return "basic", None, lower
+    raise ValueError(
+        f"unknown word splitter {spec!r}; use mecab:unidic_lite, mecab:ipadic, mecab:unidic or basic "
+        "(each optionally followed by :lower)"
+    )
+
+
+def mecab_dicdir(dic: str) -> Path:
+    """The directory of a MeCab dictionary package; ValueError naming the pip package if missing."""
+    package = _DICTIONARY_PACKAGE[dic]
+    try:
+        module = __import__(dic)
+    except ImportError:
+        extra = f" (or pip install 'melos[{dic}]')" if dic == "ipadic" else ""
+        raise ValueError(f"the MeCab dictionary {dic} is not installed: pip install {package}{extra}") from None
+    dicdir = Path(module.DICDIR)
+    if not (dicdir / "sys.dic").is_file():
+        raise ValueError(f"the MeCab dictionary {dic} is installed but has no data in {dicdir}: "
+                         f"run python -m {dic} download")
+    return dicdir
+
+
+def check_splitter(spec: str) -> None:
+    """ValueError (one line) when ``spec`` is unknown or its dictionary is not installed."""
+    kind, dic, _ = parse_splitter(spec)
+    if kind == "mecab" and dic != "unidic_lite":
+        mecab_dicdir(dic)
+
+
+def splitter_packages(spec: str) -> dict[str, str]:
+    """Versions of the packages that decide the words of ``spec`` (for cache keys)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    kind, dic, _ = parse_splitter(spec)
+    names = ["fugashi", _DICTIONARY_PACKAGE[dic]] if kind == "mecab" else ["tokenizers"]
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
 class MecabWords:
     """MeCab word splitter. The fugashi ``Tagger`` is created lazily, once per process:
-    it cannot be pickled, so each worker process must build its own."""
+    it cannot be pickled, so each worker process must build its own.
 
-    def __init__(self) -> None:
+    ``dic`` picks the dictionary as Hugging Face's ``MecabTokenizer`` does (``-d`` its
+    directory, ``-r`` its mecabrc); unidic-lite, Melos's own, keeps fugashi's default Tagger.
+    ``lower`` lower-cases every surface (``do_lower_case``)."""
+
+    def __init__(self, dic: str = "unidic_lite", lower: bool = False) -> None:
+        self.dic, self.lower = dic, lower
         self._tagger = None
         self._reference = None
         self._pos_by_id: dict[str, str] | None = None
         self._pid = -1
 
+    def _dic_args(self) -> str:
+        if self.dic == "unidic_lite":
+            return ""
+        dicdir = mecab_dicdir(self.dic)
+        return f'-d "{dicdir}" -r "{dicdir / "mecabrc"}" '
+
     def _get(self):
         if self._tagger is None or self._pid != os.getpid():
             import fugashi  # deferred: importing loads the dictionary
 
-            tagger = fugashi.Tagger(_CONTEXT_FORMAT)
+            make = fugashi.Tagger if self.dic == "unidic_lite" else fugashi.GenericTagger
+            args = self._dic_args()
+            tagger = make(args + _CONTEXT_FORMAT)
             names = pos_by_context_id(Path(tagger.dictionary_info[0]["filename"]).parent)
             if names is None:  # a dictionary whose context ids do not fix pos1, pos2
-                tagger = fugashi.Tagger(_MECAB_FORMAT)
+                tagger = make(args + _MECAB_FORMAT)
             self._pos_by_id = None if names is None else {str(i): name for i, name in enumerate(names)}
             self._tagger, self._reference, self._pid = tagger, None, os.getpid()
         return self._tagger
@@ -98,7 +170,7 @@ class MecabWords:
         writes parts of speech only). A field that is no id (an unknown word's) is its part
         of speech."""
         self._get()
-        return self._pos_by_id
+        return None if self.lower else self._pos_by_id  # lower-casing needs split's reading
 
     def __call__(self, text: str) -> tuple[list[str], list[str]]:
         """(surfaces, parts of speech), from MeCab's text output.
@@ -128,6 +200,8 @@ class MecabWords:
         if "" in surfaces or any(map(str.isspace, surfaces)):
             kept = [i for i, s in enumerate(surfaces) if s and not s.isspace()]
             surfaces, pos = [surfaces[i] for i in kept], [pos[i] for i in kept]
+        if self.lower:
+            surfaces = [w.lower() for w in surfaces]
         return surfaces, pos
 
     def nodes_reference(self, text: str) -> tuple[list[str], list[str]]:
@@ -137,7 +211,8 @@ class MecabWords:
         if self._reference is None:
             import fugashi
 
-            self._reference = fugashi.Tagger()
+            self._reference = (fugashi.Tagger() if self.dic == "unidic_lite"
+                               else fugashi.GenericTagger(self._dic_args().strip()))
         surfaces: list[str] = []
         pos: list[str] = []
         for node in self._reference(text):
@@ -145,31 +220,112 @@ class MecabWords:
             if not surface or surface.isspace():
                 continue
             feature = node.feature
-            pos1, pos2 = feature.pos1, feature.pos2
-            surfaces.append(str(surface))
+            if self.dic == "unidic_lite":
+                pos1, pos2 = feature.pos1, feature.pos2
+            else:  # a GenericTagger's features are the dictionary's CSV fields
+                pos1, pos2 = feature[0], (feature[1] if len(feature) > 1 else "*")
+            surfaces.append(str(surface).lower() if self.lower else str(surface))
             pos.append(f"{pos1}-{pos2}" if pos2 and pos2 != "*" else str(pos1))
         return surfaces, pos
 
     def __getstate__(self):  # allow pickling the wrapper (not the tagger) into workers
-        return {}
+        return {"dic": self.dic, "lower": self.lower}
 
     def __setstate__(self, state) -> None:
-        self.__init__()
+        self.__init__(state.get("dic", "unidic_lite"), state.get("lower", False))
+
+
+class BasicWords:
+    """Hugging Face's ``BasicTokenizer`` as ``BertJapaneseTokenizer`` uses it (word_tokenizer_type
+    "basic": no CJK splitting): clean control characters, split on whitespace and punctuation,
+    with ``lower`` lower-case and strip accents. Built on ``tokenizers``' BERT normaliser and
+    pre-tokeniser. Every word's part of speech is "*" (unknown)."""
+
+    def __init__(self, lower: bool = False) -> None:
+        from tokenizers import normalizers
+
+        self.lower = lower
+        self._norm = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=False, strip_accents=None, lowercase=lower
+        )
+        self._pre = pre_tokenizers.BertPreTokenizer()
+
+    def words(self, text: str) -> list[str]:
+        text = self._norm.normalize_str(unicodedata.normalize("NFC", text))
+        return [w for w, _ in self._pre.pre_tokenize_str(text)]
+
+    def parser(self):
+        return lambda text: "".join(f"{w}\t*\t" for w in self.words(text))
+
+    def pos_by_id(self) -> None:
+        return None
+
+    def split(self, parsed: str, text: str) -> tuple[list[str], list[str]]:
+        words = self.words(text)
+        return words, ["*"] * len(words)
+
+    def __call__(self, text: str) -> tuple[list[str], list[str]]:
+        return self.split("", text)
+
+    def __getstate__(self):
+        return {"lower": self.lower}
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state["lower"])
+
+
+_SPLITTERS: dict[tuple[int, str], object] = {}
+
+
+def word_splitter(spec: str = DEFAULT_SPLITTER):
+    """This process's splitter for ``spec`` (one Tagger per process and dictionary)."""
+    key = (os.getpid(), spec)
+    if key not in _SPLITTERS:
+        kind, dic, lower = parse_splitter(spec)
+        _SPLITTERS[key] = MecabWords(dic, lower) if kind == "mecab" else BasicWords(lower)
+    return _SPLITTERS[key]
 
 
 class WordPieceTokenizer:
-    """Ids for MeCab words, backed by a BERT-format vocabulary (one token per line)."""
+    """Ids for words, backed by a BERT-format vocabulary (one token per line).
 
-    def __init__(self, vocab: Sequence[str], max_input_chars_per_word: int = 100) -> None:
+    The tokenizer owns its word splitter (``splitter``: MeCab with a dictionary, or HF's basic
+    splitter) and its subword scheme (``subword``: WordPiece with ``##`` continuations, or one
+    token per character), so ``encode_text`` and ``split_words`` need nothing else; the spec
+    (``spec()``) is recorded with a model and rebuilds the same tokenizer. Special token ids
+    are looked up by name; every id below the highest of them (``num_special``) counts as
+    special, as the ``[unused]`` slots of published BERT vocabularies do.
+    """
+
+    def __init__(
+        self,
+        vocab: Sequence[str],
+        max_input_chars_per_word: int = 100,
+        *,
+        splitter: str = DEFAULT_SPLITTER,
+        subword: str = "wordpiece",
+        model_max_length: int | None = None,
+    ) -> None:
         vocab = list(vocab)
-        if vocab[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
-            raise ValueError(
-                f"vocabulary must start with {SPECIAL_TOKENS}, got {vocab[:len(SPECIAL_TOKENS)]}"
-            )
+        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        if missing:
+            raise ValueError(f"vocabulary must hold the special tokens {SPECIAL_TOKENS}; {missing} missing")
         if len(set(vocab)) != len(vocab):
             raise ValueError("vocabulary has duplicate tokens")
+        if subword not in ("wordpiece", "character"):
+            raise ValueError(f"unknown subword scheme {subword!r}; use wordpiece or character")
+        parse_splitter(splitter)
         self.vocab = vocab
         self.token_to_id = {t: i for i, t in enumerate(vocab)}
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self.token_to_id[t] for t in SPECIAL_TOKENS)
+        self.num_special = max(self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id) + 1
+        if self.num_special > max(len(SPECIAL_TOKENS), len(vocab) // 2):
+            raise ValueError(
+                f"the special tokens sit at ids up to {self.num_special - 1} of {len(vocab)}; Melos needs them "
+                "before the regular tokens (as in BERT vocabularies)"
+            )
+        self.splitter, self.subword = splitter, subword
+        self.max_input_chars_per_word, self.model_max_length = max_input_chars_per_word, model_max_length
         model = models.WordPiece(
             vocab=dict(self.token_to_id),
             unk_token=UNK,
@@ -178,14 +334,18 @@ class WordPieceTokenizer:
         )
         self._tok = Tokenizer(model)
         self._tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = range(len(SPECIAL_TOKENS))
-        self.num_special = len(SPECIAL_TOKENS)
+
+    def spec(self) -> dict:
+        """What rebuilds this tokenizer from its vocab.txt (``WordPieceTokenizer.from_file(path, **spec)``)."""
+        return {"splitter": self.splitter, "subword": self.subword,
+                "max_input_chars_per_word": self.max_input_chars_per_word, "model_max_length": self.model_max_length}
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **kwargs) -> "WordPieceTokenizer":
         lines = Path(path).read_text(encoding="utf-8").split("\n")
         if lines and lines[-1] == "":
             lines.pop()
+        lines = [line.removesuffix("\r") for line in lines]
         return cls(lines, **kwargs)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -196,19 +356,51 @@ class WordPieceTokenizer:
     def __len__(self) -> int:
         return len(self.vocab)
 
+    def words(self):
+        """This tokenizer's word splitter (one per process)."""
+        return word_splitter(self.splitter)
+
+    def normalize(self, text: str) -> str:
+        """NFKC for MeCab splitters (as BertJapaneseTokenizer's MecabTokenizer); the basic
+        splitter normalises for itself."""
+        return unicodedata.normalize("NFKC", text) if self.splitter.startswith("mecab") else text
+
+    def split_words(self, text: str) -> list[str]:
+        """The words of ``text`` as this tokenizer's splitter cuts them (after normalising)."""
+        return self.words()(self.normalize(text))[0]
+
+    def _characters(self, batch: Sequence[Sequence[str]]) -> list[tuple[list[int], list[int]]]:
+        """One token per character (HF's CharacterTokenizer: NFKC per word, [UNK] if unknown)."""
+        get, unk = self.token_to_id.get, self.unk_id
+        out = []
+        for words in batch:
+            ids: list[int] = []
+            word_ids: list[int] = []
+            for i, word in enumerate(words):
+                for piece in word.split():
+                    for c in unicodedata.normalize("NFKC", piece):
+                        ids.append(get(c, unk))
+                        word_ids.append(i)
+            out.append((ids, word_ids))
+        return out
+
     def encode_words_batch(self, batch: Sequence[Sequence[str]]) -> list[list[int]]:
-        """Subword ids of each list of MeCab words (no [CLS]/[SEP])."""
+        """Subword ids of each list of words (no [CLS]/[SEP])."""
         if not batch:
             return []
+        if self.subword == "character":
+            return [ids for ids, _ in self._characters(batch)]
         encodings = self._tok.encode_batch(
             [list(words) for words in batch], is_pretokenized=True, add_special_tokens=False
         )
         return [e.ids for e in encodings]
 
     def encode_words_with_word_ids(self, batch: Sequence[Sequence[str]]) -> list[tuple[list[int], list[int]]]:
-        """Per list of MeCab words: (subword ids, index of the word each subword belongs to)."""
+        """Per list of words: (subword ids, index of the word each subword belongs to)."""
         if not batch:
             return []
+        if self.subword == "character":
+            return self._characters(batch)
         encodings = self._tok.encode_batch(
             [list(words) for words in batch], is_pretokenized=True, add_special_tokens=False
         )
@@ -216,23 +408,24 @@ class WordPieceTokenizer:
 
     def words_unknown(self, words: Sequence[str]) -> list[bool]:
         """Per word: does it end up as [UNK]?"""
-        encodings = self._tok.encode_batch([[w] for w in words], is_pretokenized=True, add_special_tokens=False)
-        return [self.unk_id in e.ids for e in encodings]
+        return [self.unk_id in ids for ids in self.encode_words_batch([[w] for w in words])]
 
-    def encode_text(self, text: str, mecab: MecabWords) -> list[int]:
+    def encode_text(self, text: str, mecab=None) -> list[int]:
         """Ids of raw text that may contain literal special tokens such as ``[MASK]``.
 
-        NFKC first, as the corpus was normalised before training (and as Hugging Face's
-        BertJapaneseTokenizer does), so full-width Latin letters or digits typed by a user
-        meet the same vocabulary entries."""
+        Words come from ``mecab`` when given, else from the tokenizer's own splitter. MeCab
+        splitters see NFKC text, as the corpus was normalised before training (and as Hugging
+        Face's BertJapaneseTokenizer does), so full-width Latin letters or digits typed by a
+        user meet the same vocabulary entries."""
+        split = mecab or self.words()
         ids: list[int] = []
-        for piece in _SPECIAL_RE.split(unicodedata.normalize("NFKC", text)):
+        for piece in _SPECIAL_RE.split(self.normalize(text)):
             if not piece:
                 continue
             if piece in SPECIAL_TOKENS:
                 ids.append(self.token_to_id[piece])
             else:
-                words, _ = mecab(piece)
+                words, _ = split(piece)
                 if words:
                     ids.extend(self.encode_words_batch([words])[0])
         return ids

@@ -106,6 +106,26 @@ def model_config_for(cfg: TrainConfig, vocab_size: int, pad_token_id: int) -> Mo
     )
 
 
+def initial_model(init: dict, cfg: TrainConfig, tokenizer: WordPieceTokenizer) -> tuple[ModelConfig, BertForMaskedLM]:
+    """The checkpoint ``init`` names, as the model to continue (CPU): its weights, with the
+    dropout of ``cfg`` (the checkpoint's attention dropout kept when cfg's equals its own)."""
+    from .hf_import import load_init
+
+    loaded, own = load_init(init["dir"], "cpu")
+    if own.vocab != tokenizer.vocab:
+        raise ValueError(f"the vocabulary does not match the checkpoint's ({init['source']}); the vocab stage must adopt it")
+    base = loaded.config
+    if cfg.max_length > base.max_position_embeddings:
+        raise ValueError(f"--max-length {cfg.max_length} exceeds the {base.max_position_embeddings} positions of "
+                         f"{init['source']}")
+    same = cfg.dropout == base.dropout
+    model_cfg = base.model_copy(update={"dropout": cfg.dropout,
+                                        "attention_dropout": base.attention_dropout if same else cfg.dropout})
+    model = BertForMaskedLM(model_cfg)
+    model.load_state_dict(loaded.state_dict())
+    return model_cfg, model
+
+
 def resolve_device(runtime: RuntimeConfig) -> tuple[torch.device, torch.dtype | None]:
     """(device, autocast dtype or None). CUDA gets bf16 autocast unless fp32 is asked for."""
     if runtime.device == "cuda" and not torch.cuda.is_available():
@@ -224,8 +244,14 @@ def train_model(
     data_fingerprint: str,
     resume: bool = False,
     callback: TrainCallback | None = None,
+    init: dict | None = None,
 ) -> TrainResult:
     """Train (or resume training) into ``run_dir``: ``checkpoints/step-*/`` and ``model/``.
+
+    ``init`` (``hf_import.describe_init``'s record) continues a published or earlier checkpoint:
+    its architecture and weights (nothing re-initialised), dropout from ``cfg.dropout``; the
+    tokenizer must be the checkpoint's own (the vocab stage adopts it). ``data_fingerprint``
+    should then name the checkpoint too, so the run's key does.
 
     Under ``torchrun`` every rank calls this; the model is wrapped in DDP, each rank reads its
     share of every step's micro-batches, and only rank 0 reports, checkpoints and exports.
@@ -242,8 +268,12 @@ def train_model(
     callback = (callback or TrainCallback()) if main else TrainCallback()
 
     torch.manual_seed(cfg.seed)
-    model_cfg = model_config_for(cfg, len(tokenizer), tokenizer.pad_id)
-    model = BertForMaskedLM(model_cfg).to(device)
+    if init is None:
+        model_cfg = model_config_for(cfg, len(tokenizer), tokenizer.pad_id)
+        model = BertForMaskedLM(model_cfg).to(device)
+    else:
+        model_cfg, model = initial_model(init, cfg, tokenizer)
+        model = model.to(device)
     optimizer = _optimizer(model, cfg, fused=device.type == "cuda")
     tpb = tokens_per_batch_for(cfg, corpus)
     plan = TokenBatchPlan(corpus.lengths, tpb, cfg.seed)
@@ -254,6 +284,8 @@ def train_model(
     else:
         total_steps, warmup_steps = cfg.max_steps, 0  # the budget ends the run (max_steps caps it)
     meta = {"train": cfg.model_dump(), "fingerprint": key, "total_steps": total_steps, "tokens_per_batch": tpb}
+    if init is not None:
+        meta["init_from"] = {k: init.get(k) for k in ("source", "name", "format", "license", "fingerprint")}
 
     checkpoints_dir = run_dir / "checkpoints"
     start_step, history, resumed_from, elapsed0 = 0, [], None, 0.0
@@ -328,7 +360,7 @@ def train_model(
     t_prev = started
     try:
         for sb in loader:
-            flops = sum(step_model_flops(b, encoder_params, cfg.num_layers, cfg.hidden_size, len(tokenizer))
+            flops = sum(step_model_flops(b, encoder_params, model_cfg.num_layers, model_cfg.hidden_size, len(tokenizer))
                         for b in sb.micro)
             # one all-reduce per step: counts for the loss normaliser and the metrics, and rank 0's
             # clock, so that every rank follows the same budget schedule and stops at the same step

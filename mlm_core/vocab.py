@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from .config import VocabConfig
 from .io import atomic_dir, atomic_write_json, fingerprint
 from .shards import iter_rows, read_word_counts, shard_paths
-from .tokenizer import CONTINUATION, SPECIAL_TOKENS, UNK, WordPieceTokenizer
+from .tokenizer import CONTINUATION, DEFAULT_SPLITTER, SPECIAL_TOKENS, UNK, WordPieceTokenizer
 
 VOCAB_FILE = "vocab.txt"
 
@@ -145,11 +145,13 @@ def build_vocab(tokenize_dir: Path, tokenize_manifest: dict, out_dir: Path, cfg:
     """Run stage 3 into ``out_dir`` (``vocab.txt`` + ``manifest.json``); returns the manifest."""
     train_counts = _split_counts(tokenize_dir, tokenize_manifest, "train")
     tokens = train_wordpiece_from_counts(train_counts, cfg)
-    tokenizer = WordPieceTokenizer(tokens, max_input_chars_per_word=cfg.max_input_chars_per_word)
+    splitter = tokenize_manifest.get("config", {}).get("word_splitter", DEFAULT_SPLITTER)
+    tokenizer = WordPieceTokenizer(tokens, max_input_chars_per_word=cfg.max_input_chars_per_word, splitter=splitter)
     with atomic_dir(out_dir, keep_existing="manifest.json") as tmp:
         tokenizer.save(tmp / VOCAB_FILE)
         manifest = {
             "stage": "vocab",
+            "tokenizer": tokenizer.spec(),
             "config": cfg.fingerprint_fields(),
             "upstream_fingerprint": tokenize_manifest["fingerprint"],
             "fingerprint": vocab_key(tokenize_manifest["fingerprint"], cfg),
@@ -161,6 +163,47 @@ def build_vocab(tokenize_dir: Path, tokenize_manifest: dict, out_dir: Path, cfg:
             "coverage": {
                 "train": coverage_from_counts(train_counts, tokenizer),
                 "heldout": coverage_from_counts(_split_counts(tokenize_dir, tokenize_manifest, "heldout"), tokenizer),
+            },
+        }
+        atomic_write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def adopt_vocab_key(upstream_fingerprint: str, tokenizer_fingerprint: str) -> str:
+    """The vocab stage of a run continued from a checkpoint: its vocabulary, not one built here."""
+    return fingerprint("vocab-adopted", upstream_fingerprint, tokenizer_fingerprint)
+
+
+def tokenizer_fingerprint(tokenizer: WordPieceTokenizer) -> str:
+    """The identity of a tokenizer: its tokens in id order and its spec (splitter, subwords)."""
+    return fingerprint("tokenizer", tokenizer.vocab, tokenizer.spec())
+
+
+def adopt_vocab(tokenize_dir: Path, tokenize_manifest: dict, out_dir: Path, tokenizer: WordPieceTokenizer,
+                source: str) -> dict:
+    """Stage 3 for ``--init-from``: the checkpoint's vocabulary (ids are the checkpoint's), with
+    its coverage of this corpus, into ``out_dir``; returns the manifest."""
+    splitter = tokenize_manifest.get("config", {}).get("word_splitter", DEFAULT_SPLITTER)
+    if splitter != tokenizer.splitter:
+        raise ValueError(f"the corpus was split with {splitter} but the checkpoint's tokenizer uses {tokenizer.splitter}")
+    key = adopt_vocab_key(tokenize_manifest["fingerprint"], tokenizer_fingerprint(tokenizer))
+    with atomic_dir(out_dir, keep_existing="manifest.json") as tmp:
+        tokenizer.save(tmp / VOCAB_FILE)
+        manifest = {
+            "stage": "vocab",
+            "adopted_from": source,
+            "tokenizer": tokenizer.spec(),
+            "config": {"max_input_chars_per_word": tokenizer.max_input_chars_per_word},
+            "upstream_fingerprint": tokenize_manifest["fingerprint"],
+            "fingerprint": key,
+            "counts": {
+                "vocab_size": len(tokenizer),
+                "continuation_tokens": sum(t.startswith(CONTINUATION) for t in tokenizer.vocab),
+                "special_tokens": tokenizer.num_special,
+            },
+            "coverage": {
+                split: coverage_from_counts(_split_counts(tokenize_dir, tokenize_manifest, split), tokenizer)
+                for split in ("train", "heldout")
             },
         }
         atomic_write_json(tmp / "manifest.json", manifest)

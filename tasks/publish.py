@@ -73,6 +73,7 @@ def build_card(documents: dict, trained: dict, report: dict, parent_run_id: str,
             for d in manifest["documents"]
         ],
         "metrics": report["metrics"],
+        "initial_metrics": report.get("initial_metrics"),
         "eval_mask": (f"{cfg.mask_rate:.0%} of held-out tokens replaced by [MASK] (seed {cfg.seed}, "
                       f"{cfg.passes} pass(es) with distinct fixed masks)."),
     }

@@ -67,10 +67,9 @@ class MelosFillMask(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from mlm_core.checkpoint import load_pretrained
-        from mlm_core.tokenizer import MecabWords
 
         self.model, self.tokenizer = load_pretrained(Path(context.artifacts[MODEL_ARTIFACT]), "cpu")
-        self.mecab = MecabWords()
+        self.mecab = None  # the tokenizer's own word splitter (recorded with the model)
 
     # the DataFrame hint tells MLflow the logged signature, not the hint, describes the input
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:

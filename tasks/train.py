@@ -32,9 +32,20 @@ from .tracking import StageRun, stage_run
 
 
 def load_tokenizer(vocab: dict) -> WordPieceTokenizer:
-    return WordPieceTokenizer.from_file(
-        Path(vocab["dir"]) / VOCAB_FILE, max_input_chars_per_word=tokenizer_setting(vocab)
-    )
+    return WordPieceTokenizer.from_file(Path(vocab["dir"]) / VOCAB_FILE, **tokenizer_spec(vocab))
+
+
+def tokenizer_spec(vocab: dict) -> dict:
+    """The vocab stage's tokenizer spec (stages written before it was recorded: Melos's own)."""
+    manifest = read_json(Path(vocab["dir"]) / MANIFEST)
+    return manifest.get("tokenizer") or {"max_input_chars_per_word": manifest["config"]["max_input_chars_per_word"]}
+
+
+def data_fingerprint(shards: dict, vocab: dict, init: dict | None = None) -> str:
+    """What a training run reads: the shards, the vocabulary and, continuing a checkpoint, its weights."""
+    if init is None:
+        return fingerprint(shards["fingerprint"], vocab["fingerprint"])
+    return fingerprint(shards["fingerprint"], vocab["fingerprint"], "init", init["fingerprint"])
 
 
 def encoded_split(shards: dict, vocab: dict, tokenizer: WordPieceTokenizer, split: str, max_length: int, workdir: str):
@@ -96,9 +107,9 @@ class MlflowProgress(TrainCallback):
         return stop_requested() is not None
 
 
-def train_run_dir(shards: dict, vocab: dict, cfg: TrainConfig, workdir: str) -> Path:
+def train_run_dir(shards: dict, vocab: dict, cfg: TrainConfig, workdir: str, init: dict | None = None) -> Path:
     """``<workdir>/train/<key>``: one directory per (data, settings); a run owns it while it lives."""
-    return Path(workdir).resolve() / "train" / train_key(cfg, fingerprint(shards["fingerprint"], vocab["fingerprint"]))
+    return Path(workdir).resolve() / "train" / train_key(cfg, data_fingerprint(shards, vocab, init))
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
@@ -134,7 +145,7 @@ _EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]: )?((?:[\w.]+\.)?\w*(?:Error|Exce
 
 
 def tokenizer_setting(vocab: dict) -> int:
-    return read_json(Path(vocab["dir"]) / MANIFEST)["config"]["max_input_chars_per_word"]
+    return tokenizer_spec(vocab).get("max_input_chars_per_word", 100)
 
 
 def torchrun_command(runtime: RuntimeConfig, spec_path: Path) -> list[str]:
@@ -192,13 +203,13 @@ def run_torchrun(spec: dict, runtime: RuntimeConfig, run_dir: Path, logger) -> S
 @task(name="train", cache_policy=NO_CACHE, persist_result=False)
 def train_stage(
     shards: dict, vocab: dict, cfg: TrainConfig, runtime: RuntimeConfig, workdir: str, parent_run_id: str,
-    resume: bool = False,
+    resume: bool = False, init: dict | None = None,
 ) -> dict:
     logger = get_run_logger()
     tokenizer = load_tokenizer(vocab)
     corpus = encoded_split(shards, vocab, tokenizer, "train", cfg.max_length, workdir)
-    data_fp = fingerprint(shards["fingerprint"], vocab["fingerprint"])
-    run_dir = train_run_dir(shards, vocab, cfg, workdir)
+    data_fp = data_fingerprint(shards, vocab, init)
+    run_dir = train_run_dir(shards, vocab, cfg, workdir, init)
     key = run_dir.name
     aside = prepare_run_dir(run_dir, resume)
     if aside is not None:
@@ -206,15 +217,17 @@ def train_stage(
             "an unfinished run with these settings was moved to %s; pass --resume (resume=True) "
             "next time to continue such a run instead", aside,
         )
-    with stage_run(
-        parent_run_id, "train", {"melos.key": key, "melos.resume": str(resume).lower()}, grace_s=runtime.tracking_grace_s
-    ) as run:
+    tags = {"melos.key": key, "melos.resume": str(resume).lower()}
+    if init is not None:
+        tags["melos.init_from"] = init["source"]
+    with stage_run(parent_run_id, "train", tags, grace_s=runtime.tracking_grace_s) as run:
         run.log_params(cfg.model_dump(), "train")
         run.log_params(runtime.model_dump(), "runtime")
         if runtime.distributed:
             result = run_torchrun(
                 {"corpus_dir": str(corpus.path), "vocab_file": str(Path(vocab["dir"]) / VOCAB_FILE),
-                 "max_input_chars_per_word": tokenizer_setting(vocab), "train": cfg.model_dump(),
+                 "max_input_chars_per_word": tokenizer_setting(vocab), "tokenizer": tokenizer.spec(),
+                 "init": init, "train": cfg.model_dump(),
                  "runtime": runtime.model_dump(), "run_dir": str(run_dir), "data_fingerprint": data_fp,
                  "resume": resume, "mlflow_run_id": run.run_id},
                 runtime, run_dir, logger,
@@ -224,7 +237,7 @@ def train_stage(
                 try:
                     result = train_model(
                         corpus, tokenizer, cfg, runtime, run_dir, data_fingerprint=data_fp, resume=resume,
-                        callback=MlflowProgress(run, logger),
+                        callback=MlflowProgress(run, logger), init=init,
                     )
                 except TrainingStopped as exc:  # SIGTERM: the block hands it on as it ends
                     logger.warning("%s", exc)

@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s rank0 %(message)s")
     logger = logging.getLogger("melos.train")
     tokenizer = WordPieceTokenizer.from_file(
-        Path(spec["vocab_file"]), max_input_chars_per_word=spec["max_input_chars_per_word"]
+        Path(spec["vocab_file"]), **(spec.get("tokenizer") or {"max_input_chars_per_word": spec["max_input_chars_per_word"]})
     )
     corpus = EncodedCorpus(Path(spec["corpus_dir"]))
     cfg, runtime = TrainConfig(**spec["train"]), RuntimeConfig(**spec["runtime"])
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     try:
         result = train_model(
             corpus, tokenizer, cfg, runtime, Path(spec["run_dir"]), data_fingerprint=spec["data_fingerprint"],
-            resume=spec["resume"], callback=MlflowProgress(run, logger),
+            resume=spec["resume"], callback=MlflowProgress(run, logger), init=spec.get("init"),
         )
         info = distributed.current()
         if info.is_main:

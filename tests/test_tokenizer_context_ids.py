@@ -6,6 +6,8 @@ is read through the formatted parts of speech instead."""
 
 from __future__ import annotations
 
+import os
+
 import shutil
 import struct
 from pathlib import Path
@@ -78,7 +80,7 @@ def test_an_unchecked_dictionary_is_read_through_formatted_parts_of_speech(tmp_p
     monkeypatch.setattr(tokenizer, "_CHECKED_DICTIONARIES", set())
     mecab = MecabWords()
     assert mecab.pos_by_id() is None
-    monkeypatch.setattr("mlm_core.shards._MECAB", mecab)
+    monkeypatch.setitem(tokenizer._SPLITTERS, (os.getpid(), tokenizer.DEFAULT_SPLITTER), mecab)
     slow = tokenize_part(str(tmp_path), ["a"], str(tmp_path), "slow", TokenizeConfig(heldout_fraction=0.0))
     assert read_part(tmp_path, "slow")["train"].equals(read_part(tmp_path, "fast")["train"])
     assert slow["sample"] == fast["sample"] and slow["counts"] == fast["counts"]

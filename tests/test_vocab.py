@@ -287,10 +287,16 @@ def test_rebuilding_into_the_same_directory_replaces_it(built: Built, tmp_path: 
 
 
 def test_tokenizer_validates_its_vocabulary() -> None:
-    with pytest.raises(ValueError, match="must start with"):
-        WordPieceTokenizer(["[UNK]", "[PAD]", "[CLS]", "[SEP]", "[MASK]", "a"])
-    with pytest.raises(ValueError, match="must start with"):
+    # published vocabularies order their special tokens differently: ids are looked up by name
+    swapped = WordPieceTokenizer(["[UNK]", "[PAD]", "[CLS]", "[SEP]", "[MASK]", "a"])
+    assert (swapped.pad_id, swapped.unk_id, swapped.mask_id, swapped.num_special) == (1, 0, 4, 5)
+    # every id below the last special token counts as special (BERT's [unused] slots)
+    unused = WordPieceTokenizer(["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdef"))
+    assert (unused.unk_id, unused.num_special) == (2, 6)
+    with pytest.raises(ValueError, match="special tokens"):
         WordPieceTokenizer(["a", "b"])
+    with pytest.raises(ValueError, match="before the regular tokens"):
+        WordPieceTokenizer(list("abcdefghijkl") + SPECIAL_TOKENS)
     with pytest.raises(ValueError, match="duplicate"):
         WordPieceTokenizer(SPECIAL_TOKENS + ["a", "##a", "a"])
     tok = WordPieceTokenizer(SPECIAL_TOKENS + ["a", "##b"])
