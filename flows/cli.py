@@ -272,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_source(e)
     e.add_argument("--format", choices=["hf"], required=True, help="export format: hf (Hugging Face transformers)")
     e.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
+
+    from flows import finetune_cli
+
+    finetune_cli.add_command(sub, _command, _add_run_options, _positive_int)
     return parser
 
 
@@ -656,6 +660,10 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain": cmd_pretrain, "fill-mask": cmd_fill_mask, "runs": cmd_runs, "ui": cmd_ui,
         "export": cmd_export, "evaluate": cmd_evaluate, "compare": cmd_compare,
     }
+    if ns.command == "finetune":
+        from flows.finetune_cli import cmd_finetune
+
+        return cmd_finetune(ns)
     return commands[ns.command](ns)
 
 

@@ -231,7 +231,7 @@ def check_splits(data: TaskData) -> None:
     for name in ("dev", "test"):
         for ex in getattr(data, name):
             for label in _labels_of(ex):
-                if label not in known:
+                if label not in known and label != UNSEEN:
                     raise TaskDataError(
                         f"{ex.where}: label {label!r} is in the {name} split but never in train; "
                         "add training examples of it or drop it"
@@ -416,9 +416,10 @@ def builtin_task(
 UNSEEN = "<unseen>"  # a built-in tag never seen in training: scored as a word no prediction can match
 
 
-def find_corpus(path: Path) -> tuple[Path, list[dict]]:
+def find_corpus(path: Path, doc_ids: set[str] | None = None) -> tuple[Path, list[dict]]:
     """(tokenize stage directory, documents of its download manifest) from a tokenize directory,
-    a Melos work directory, or a train run's directory / model directory inside one."""
+    a Melos work directory, or a train run's directory / model directory inside one. With
+    ``doc_ids`` (the documents the model was trained on), only a corpus of exactly those."""
     from .io import read_json
 
     path = Path(path).resolve()
@@ -439,7 +440,8 @@ def find_corpus(path: Path) -> tuple[Path, list[dict]]:
     for d in (workdir / "download").glob("*/manifest.json") if (workdir / "download").is_dir() else []:
         try:
             m = read_json(d)
-            downloads[m["fingerprint"]] = m["documents"]
+            if doc_ids is None or {doc["doc_id"] for doc in m["documents"]} == set(doc_ids):
+                downloads[m["fingerprint"]] = m["documents"]
         except (OSError, KeyError, ValueError):
             continue
     for tok in candidates:
