@@ -144,7 +144,8 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
         return result
     if ns.json:
         print(json.dumps({"mlflow_run_id": result["mlflow_run_id"], "model_run_id": result["model_run_id"],
-                          "model_dir": result["model_dir"], "model_uri": result["model_uri"], **result["metrics"]},
+                          "model_dir": result["model_dir"], "hf_dir": result["hf_dir"], "model_uri": result["model_uri"],
+                          **result["metrics"]},
                          ensure_ascii=False, indent=2))
         return 0
     print(summary_text(result))
@@ -166,6 +167,7 @@ def summary_text(result: dict) -> str:
         lines.append(f"note:        {result['truncated']} example(s) were longer than the model's positions and "
                      "were truncated")
     lines.append(f"model:       {result['model_dir']}")
+    lines.append(f"HF export:   {result['hf_dir']}")
     return "\n".join(lines)
 
 

@@ -133,12 +133,16 @@ def finetune_task(
     model_path = save_finetuned(out / "model", result.model, tokenizer, result.labels,
                                 {"task": name, "base_model": model_dir, "base_run_id": model_run_id,
                                  "finetune_run_id": parent_run_id})
+    from mlm_core.finetune_export import export_finetuned_hf
+
+    hf_dir = export_finetuned_hf(result.model, tokenizer, result.labels, out / "hf")
     metrics = metric_names(name, result.summary)
     run.log_metrics(metrics)
     for i, r in enumerate(result.runs):
         prefix = f"finetune/{name}/{'seed' if r['init'] == 'pretrained' else 'random_seed'}"
         run.log_metrics({f"{prefix}_f1": r["test"]["f1"], f"{prefix}_accuracy": r["test"]["accuracy"]}, step=r["seed"])
     run.log_artifact(out / "result.json")
+    run.log_artifact(hf_dir, "hf")  # BertForSequenceClassification / BertForTokenClassification
     model_uri = _log_model(parent_run_id, model_path, name, data.kind)
     rows = table_rows(record)
     s = result.summary
@@ -149,7 +153,7 @@ def finetune_task(
     create_table_artifact(table=rows, key="melos-finetune", description=desc)
     logger.info(desc)
     return {"task": name, "kind": data.kind, "metrics": metrics, "summary": s, "runs": rows, "split": data.split,
-            "truncated": result.truncated, "model_dir": str(model_path), "model_uri": model_uri,
+            "truncated": result.truncated, "model_dir": str(model_path), "hf_dir": str(hf_dir), "model_uri": model_uri,
             "result": str(out / "result.json")}
 
 

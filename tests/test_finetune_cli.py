@@ -87,6 +87,11 @@ def test_finetune_builtin_authors_logged_and_linked(pretrained, capsys, monkeypa
     local = download_artifacts(artifact_uri=out["model_uri"], dst_path=str(tmp / "dl"), tracking_uri=uri)
     model, _, labels = load_finetuned(local)
     assert sorted(labels) == ["太宰治", "芥川竜之介"] and model.kind == "classification"
+    hf = Path(download_artifacts(run_id=out["mlflow_run_id"], artifact_path="hf", dst_path=str(tmp / "dl-hf"),
+                                 tracking_uri=uri))
+    config = json.loads((hf / "config.json").read_text(encoding="utf-8"))
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert sorted(config["label2id"]) == ["太宰治", "芥川竜之介"] and (hf / "vocab.txt").is_file()
     # a fine-tuning run is not a pretrain run: `latest` still means the model
     rows, _ = list_runs(uri, "melos-ft", None, 10)
     assert [r["run_id"] for r in rows] == [trained["mlflow_run_id"]]
