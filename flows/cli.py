@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--deployment", metavar="FLOW/NAME",
                    help="fan the runs out as flow runs of this deployment of the compare-setting flow "
                    "(default: run them one after another here)")
+    from flows import finetune_cli
+
+    finetune_cli.add_downstream_options(c)
     _add_config_options(c, _SECTIONS)
     _add_run_options(c, "melos-compare", "print the result rows as JSON")
 
@@ -594,6 +597,7 @@ def grid_from_args(ns: argparse.Namespace) -> dict[str, list] | list[dict]:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
+    from flows import finetune_cli
     from mlm_core.grid import setting_configs
 
     try:
@@ -616,7 +620,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
     result = _run_flow(compare, "run the same command again (finished data stages are reused)",
                        grid=grid, seeds=ns.seeds, **configs, workdir=ns.workdir, experiment=ns.experiment,
-                       deployment=ns.deployment)
+                       deployment=ns.deployment, **finetune_cli.downstream_params(ns))
     if isinstance(result, _StoppedExit):
         return result
     if ns.json:

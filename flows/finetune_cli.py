@@ -61,6 +61,36 @@ def add_command(sub, command, add_run_options, positive_int) -> None:
     add_run_options(p, "melos", "print the metrics (finetune/<task>/f1, .../random_f1, .../gain, ...) as JSON")
 
 
+def add_downstream_options(p: argparse.ArgumentParser) -> None:
+    """``melos compare --downstream TASK`` and the fine-tuning settings it uses."""
+    g = p.add_argument_group("downstream fine-tuning (after each setting trains)")
+    g.add_argument("--downstream", action="append", metavar="TASK", default=[],
+                   help="fine-tune every trained model on TASK (aozora-authors, aozora-pos, or a labelled file) and "
+                        "put its test F1 with the spread in the table, beside a random-init control row; repeatable")
+    g.add_argument("--downstream-epochs", type=float, default=3.0, metavar="X",
+                   help="fine-tuning passes over the task's training split (default: 3)")
+    g.add_argument("--downstream-max-steps", type=int, metavar="N", help="cap on fine-tuning steps (default: not set)")
+    g.add_argument("--downstream-learning-rate", type=float, default=3e-4, metavar="X",
+                   help="fine-tuning peak learning rate (default: 3e-4)")
+    g.add_argument("--downstream-batch-size", type=int, default=32, metavar="N",
+                   help="fine-tuning sequences per batch (default: 32)")
+
+
+def downstream_params(ns: argparse.Namespace) -> dict:
+    """The compare flow's downstream parameters; a file task that does not exist stops here."""
+    from mlm_core.finetune_data import BUILTIN_TASKS
+
+    for task_ref in ns.downstream:
+        if task_ref not in BUILTIN_TASKS and not Path(task_ref).is_file():
+            raise SystemExit(f"melos: --downstream {task_ref}: no such file, and not a built-in task "
+                             f"({', '.join(BUILTIN_TASKS)})")
+    if not ns.downstream:
+        return {}
+    return {"downstream": list(ns.downstream),
+            "downstream_cfg": {"epochs": ns.downstream_epochs, "max_steps": ns.downstream_max_steps,
+                               "learning_rate": ns.downstream_learning_rate, "batch_size": ns.downstream_batch_size}}
+
+
 def resolve(ns: argparse.Namespace) -> tuple[str, str | None, list[str] | None, str | None]:
     """(model dir, model run id, the model's training documents, corpus hint) of --run."""
     from flows.cli import resolve_model_dir

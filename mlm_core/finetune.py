@@ -415,10 +415,12 @@ def finetune(
     encoder: BertForMaskedLM, tokenizer: WordPieceTokenizer, data: TaskData, cfg: FinetuneConfig,
     device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None, *, resplit: bool = True,
     log: Callable[[str], None] | None = None, on_step: Callable[[str, int, int, float], None] | None = None,
+    inits: list[str] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``encoder`` (copied, never changed) on ``data`` with ``cfg.seeds`` seeds, and the
     random-init control when ``cfg.baseline == "random"``; score on the test split (or the
-    pooled held-out folds of k-fold cross-validation) and the dev split when there is one."""
+    pooled held-out folds of k-fold cross-validation) and the dev split when there is one.
+    ``inits`` picks the arms explicitly (e.g. ``["random"]``: the control alone)."""
     device = torch.device(device)
     log = log or (lambda msg: None)
     labels = data.labels
@@ -433,7 +435,7 @@ def finetune(
                "tagging": "tokens past the cut count as wrong"}[data.kind]
         log(f"{truncated} example(s) longer than the model's {L} positions were truncated ({cut})")
     result = FinetuneResult(data.name, data.kind, labels, data.split, truncated)
-    inits = ["pretrained"] + (["random"] if cfg.baseline == "random" else [])
+    inits = inits or ["pretrained"] + (["random"] if cfg.baseline == "random" else [])
     state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
 
     def fresh(init: str, seed: int) -> FinetuneModel:
@@ -503,7 +505,7 @@ def summarize(runs: list[dict]) -> dict:
             mean, std = _mean_std([r["test"][metric] for r in mine])
             out[f"{prefix}{metric}"], out[f"{prefix}{metric}_std"] = mean, std
         out[f"{prefix}seeds"] = len(mine)
-    if "random_f1" in out:
+    if "random_f1" in out and "f1" in out:
         out["gain"] = out["f1"] - out["random_f1"]
         out["accuracy_gain"] = out["accuracy"] - out["random_accuracy"]
         out["separated"] = bool(abs(out["gain"]) > out["f1_std"] + out["random_f1_std"])

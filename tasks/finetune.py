@@ -176,3 +176,38 @@ def _log_model(run_id: str, model_path: Path, name: str, kind: str) -> str | Non
 
 def dumps(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, indent=2)
+
+
+@task(name="downstream", cache_policy=NO_CACHE, persist_result=False)
+def downstream_task(model_dir: str, task_ref: str, corpus: str | None, cfg: dict, runtime, run_id: str,
+                    control: bool = False) -> dict:
+    """Fine-tune one model on one task for ``melos compare --downstream`` and log
+    ``finetune/<task>/f1`` and ``.../accuracy`` to ``run_id``. ``control``: the same architecture
+    from random weights instead (the comparison's control row)."""
+    import torch
+
+    from mlm_core.finetune import FinetuneConfig, finetune
+    from mlm_core.train import resolve_device
+
+    logger = get_run_logger()
+    if runtime.num_threads:
+        torch.set_num_threads(runtime.num_threads)
+    device, amp = resolve_device(runtime)
+    encoder, tokenizer = load_encoder(model_dir, device)
+    settings = FinetuneConfig(**cfg, compile=runtime.compile)
+    data = load_task(task_ref, None, None, None, corpus, model_dir, None, settings.seed)
+    result = finetune(encoder, tokenizer, data, settings, device, amp, log=logger.info,
+                      inits=["random"] if control else ["pretrained"])
+    name = task_name(task_ref)
+    prefix = "random_" if control else ""
+    s = result.summary
+    metrics = {f"finetune/{name}/f1": s[f"{prefix}f1"], f"finetune/{name}/accuracy": s[f"{prefix}accuracy"]}
+    if control:  # one value per seed, for the comparison's spread
+        per_seed = [{f"finetune/{name}/f1": r["test"]["f1"], f"finetune/{name}/accuracy": r["test"]["accuracy"]}
+                    for r in result.runs]
+    else:
+        per_seed = [metrics]
+    run = tracking.StageRun(run_id)
+    for i, m in enumerate(per_seed):
+        run.log_metrics(m, step=i)
+    return {"task": name, "metrics": metrics, "per_seed": per_seed}

@@ -135,3 +135,38 @@ def test_finetune_bad_input_is_one_line(pretrained, tmp_path, monkeypatch):
     (hf_like / "config.json").write_text("{}", encoding="utf-8")
     with pytest.raises(SystemExit, match=r"^melos: .*hf: the Hugging Face model has no tokenizer"):
         main(["finetune", "--run", str(hf_like), "--task", str(bad), *common])
+
+
+def test_compare_downstream_scores_with_control(pretrained, capsys, monkeypatch):
+    tmp, uri, trained = pretrained
+    monkeypatch.chdir(tmp)
+    from mlflow.tracking import MlflowClient
+
+    from flows.cli import main
+
+    tiny = ["--hidden-size", "32", "--layers", "1", "--heads", "2", "--intermediate-size", "64", "--max-length", "64",
+            "--batch-size", "32", "--max-steps", "3", "--checkpoint-every", "3", "--eval-passes", "1",
+            "--eval-pll-sentences", "0", "--example", "メロスは[MASK]した。", "--threads", "1"]
+    argv = ["compare", "--grid", "masking=static,dynamic", "--seeds", "2", *tiny, "--source", "aozora:all",
+            "--aozora-base-url", str(tmp / "site"), "--downstream", "aozora-authors", "--downstream-epochs", "1",
+            "--downstream-learning-rate", "3e-3", "--workdir", str(tmp / "work"), "--experiment", "cmp-ft", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["setting"]: r for r in out["rows"]}
+    assert set(rows) == {"masking=static", "masking=dynamic", "random init (control)"}
+    for row in rows.values():
+        assert 0.0 <= row["finetune/aozora-authors/f1"] <= 1.0
+        assert row["finetune/aozora-authors/f1:spread"] >= 0.0 and row["runs"] == 2
+    client = MlflowClient(uri)
+    run = client.get_run(out["mlflow_run_id"])
+    children = client.search_runs([run.info.experiment_id],
+                                  filter_string=f"tags.`melos.comparison` = '{out['mlflow_run_id']}'")
+    assert len(children) == 4 and all("finetune/aozora-authors/f1" in c.data.metrics for c in children)
+    # the table's mean is the children's
+    static = [c.data.metrics["finetune/aozora-authors/f1"] for c in children
+              if c.data.tags["melos.setting"] == "masking=static"]
+    assert rows["masking=static"]["finetune/aozora-authors/f1"] == pytest.approx(sum(static) / 2)
+    arts = {a.path for a in client.list_artifacts(out["mlflow_run_id"], "comparison")}
+    assert "comparison/downstream.png" in arts
+    local = client.download_artifacts(out["mlflow_run_id"], "comparison/comparison.csv", str(tmp / "cmp-dl"))
+    assert "finetune/aozora-authors/f1" in Path(local).read_text(encoding="utf-8").splitlines()[0]
