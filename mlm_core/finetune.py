@@ -369,7 +369,7 @@ def score(kind: str, examples: list[Example], predicted: list[list[int]], labels
         gold = [ex.label for ex in examples]
         pred = [labels[p[0]] for p in predicted]
         f1 = macro_f1(gold, pred)
-        return {"accuracy": accuracy(gold, pred), "macro_f1": f1, "f1": f1}
+        return {"accuracy": accuracy(gold, pred), "macro_f1": f1, "f1": f1, "n": len(gold)}
     none = "O" if kind == "ner" else None  # a token with no subword: outside any entity / wrong
     gold_seqs = [list(ex.tags) for ex in examples]
     pred_seqs = [[labels[p] if p >= 0 else none for p in ps] for ps in predicted]
@@ -378,12 +378,12 @@ def score(kind: str, examples: list[Example], predicted: list[list[int]], labels
         flat_g = [t for s in gold_seqs for t in s]
         flat_p = [t for s in pred_seqs for t in s]
         return {"accuracy": accuracy(flat_g, flat_p), "precision": ent["precision"], "recall": ent["recall"],
-                "f1": ent["f1"]}
+                "f1": ent["f1"], "n": len(flat_g), "entities": ent["entities"]}
     pairs = [(g, p) for gs, ps in zip(gold_seqs, pred_seqs) for g, p in zip(gs, ps) if g != UNSEEN]
     flat_g = [g for g, _ in pairs]
     flat_p = [p if p is not None else "<none>" for _, p in pairs]
     f1 = macro_f1(flat_g, flat_p)
-    return {"accuracy": accuracy(flat_g, flat_p), "macro_f1": f1, "f1": f1}
+    return {"accuracy": accuracy(flat_g, flat_p), "macro_f1": f1, "f1": f1, "n": len(flat_g)}
 
 
 # ----------------------------------------------------------------------------- the experiment

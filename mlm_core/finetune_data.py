@@ -154,6 +154,8 @@ def read_classification(
         if need_label and (label is None or str(label).strip() == ""):
             raise TaskDataError(f"{path}:{n}: empty {label_column!r}; every example needs a label")
         text_b = row.get(text_b_column) if pairs else None
+        if text_b is not None and not str(text_b).strip():
+            raise TaskDataError(f"{path}:{n}: empty {text_b_column!r} in a file of sentence pairs; every pair needs both texts")
         out.append(Example(label=None if label is None else str(label).strip(), text=str(text),
                            text_b=None if text_b is None else str(text_b), where=f"{path}:{n}"))
     return out

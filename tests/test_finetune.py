@@ -194,6 +194,24 @@ def test_finetune_learns_and_reports_control(tiny, merosu, tmp_path):
     assert predict_ids(loaded, enc, torch.device("cpu")) == predict_ids(res.model, enc, torch.device("cpu"))
 
 
+def test_kfold_pools_every_example(tiny, tmp_path):
+    """A small file without a test split: 5-fold cross-validation, every example predicted once."""
+    encoder, tok = tiny
+    rows = [{"text": t, "text_b": "走った。", "label": str(i % 3)} for i, t in enumerate(
+        ["メロスは激怒した。", "王は笑った。", "妹は眠った。", "友は待った。", "日は沈んだ。", "風が吹いた。"] * 5)]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    data = load_task_files(f, "classification", seed=1)
+    assert data.split["method"] == "5-fold" and sorted(i for fold in data.folds for i in fold) == list(range(30))
+    res = finetune(encoder, tok, data, FinetuneConfig(max_steps=2, seeds=1, baseline="none"))
+    (run,) = res.runs
+    assert run["test"]["n"] == 30 and run["steps"] == 5 * 2  # five trainings of two steps
+    bad = tmp_path / "half.csv"
+    bad.write_text("text,text_b,label\n走った。,笑った。,a\n走った。,,b\n", encoding="utf-8")
+    with pytest.raises(TaskDataError, match=r"half\.csv:3: empty 'text_b'"):
+        load_task_files(bad, "classification")
+
+
 def test_summarize_separation():
     runs = [{"init": i, "seed": s, "test": {"f1": f, "accuracy": f}}
             for i, fs in (("pretrained", [0.8, 0.82]), ("random", [0.5, 0.52])) for s, f in enumerate(fs)]
