@@ -92,6 +92,16 @@ def test_finetune_builtin_authors_logged_and_linked(pretrained, capsys, monkeypa
     config = json.loads((hf / "config.json").read_text(encoding="utf-8"))
     assert config["architectures"] == ["BertForSequenceClassification"]
     assert sorted(config["label2id"]) == ["太宰治", "芥川竜之介"] and (hf / "vocab.txt").is_file()
+    # the Prefect table artifact names the MLflow run and has a row per seed and arm
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["melos-finetune"])))
+    [mine] = [a for a in artifacts if out["mlflow_run_id"] in (a.description or "")]
+    table = mine.data if isinstance(mine.data, list) else json.loads(mine.data)
+    assert sorted((r["init"], r["seed"]) for r in table) == [("pretrained", 0), ("pretrained", 1), ("random", 0),
+                                                            ("random", 1)]
     # a fine-tuning run is not a pretrain run: `latest` still means the model
     rows, _ = list_runs(uri, "melos-ft", None, 10)
     assert [r["run_id"] for r in rows] == [trained["mlflow_run_id"]]
@@ -130,6 +140,13 @@ def test_finetune_bad_input_is_one_line(pretrained, tmp_path, monkeypatch):
         main(["finetune", "--run", trained["model_dir"], "--task", str(bad), *common])
     with pytest.raises(SystemExit, match=r"^melos: --task nope\.jsonl: no such file, and not a built-in task"):
         main(["finetune", "--run", trained["model_dir"], "--task", "nope.jsonl", *common])
+    import shutil
+
+    no_vocab = tmp_path / "novocab"
+    shutil.copytree(trained["model_dir"], no_vocab)
+    (no_vocab / "vocab.txt").unlink()
+    with pytest.raises(SystemExit, match=r"^melos: .*novocab: the model has no tokenizer"):
+        main(["finetune", "--run", str(no_vocab), "--task", "aozora-pos", *common])
     hf_like = tmp_path / "hf"
     hf_like.mkdir()
     (hf_like / "config.json").write_text("{}", encoding="utf-8")
