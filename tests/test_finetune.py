@@ -16,7 +16,7 @@ from mlm_core.finetune import (
     score, summarize,
 )
 from mlm_core.finetune_data import (
-    Example, TaskData, TaskDataError, builtin_task, load_task_files, read_conll, seeded_split, split_words,
+    Example, TaskData, TaskDataError, builtin_task, load_task_files, read_conll, seeded_split,
 )
 from mlm_core.finetune_metrics import accuracy, entities, entity_scores, macro_f1
 from mlm_core.model import IGNORE_INDEX, BertForMaskedLM, ModelConfig

@@ -171,9 +171,9 @@ def test_compare_downstream_scores_with_control(pretrained, capsys, monkeypatch)
     out = json.loads(capsys.readouterr().out)
     rows = {r["setting"]: r for r in out["rows"]}
     assert set(rows) == {"masking=static", "masking=dynamic", "random init (control)"}
-    for row in rows.values():
-        assert 0.0 <= row["finetune/aozora-authors/f1"] <= 1.0
-        assert row["finetune/aozora-authors/f1:spread"] >= 0.0 and row["runs"] == 2
+    for r in rows.values():
+        assert 0.0 <= r["finetune/aozora-authors/f1"] <= 1.0
+        assert r["finetune/aozora-authors/f1:spread"] >= 0.0 and r["runs"] == 2
     client = MlflowClient(uri)
     run = client.get_run(out["mlflow_run_id"])
     children = client.search_runs([run.info.experiment_id],
