@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--deployment", metavar="FLOW/NAME",
                    help="fan the runs out as flow runs of this deployment of the compare-setting flow "
                    "(default: run them one after another here)")
+    from flows import finetune_cli
+
+    finetune_cli.add_downstream_options(c)
     _add_config_options(c, _SECTIONS)
     _add_run_options(c, "melos-compare", "print the result rows as JSON")
 
@@ -295,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_source(e)
     e.add_argument("--format", choices=["hf"], required=True, help="export format: hf (Hugging Face transformers)")
     e.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
+
+    from flows import finetune_cli
+
+    finetune_cli.add_command(sub, _command, _add_run_options, _positive_int)
     return parser
 
 
@@ -662,6 +669,7 @@ def grid_from_args(ns: argparse.Namespace) -> dict[str, list] | list[dict]:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
+    from flows import finetune_cli
     from mlm_core.grid import setting_configs
 
     try:
@@ -687,7 +695,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
     result = _run_flow(compare, "run the same command again (finished data stages are reused)",
                        grid=grid, seeds=ns.seeds, **configs, workdir=ns.workdir, experiment=ns.experiment,
-                       deployment=ns.deployment)
+                       deployment=ns.deployment, **finetune_cli.downstream_params(ns))
     if isinstance(result, _StoppedExit):
         return result
     if ns.json:
@@ -743,7 +751,12 @@ def main(argv: list[str] | None = None) -> int:
         "export": cmd_export, "evaluate": cmd_evaluate, "compare": cmd_compare,
     }
     try:
-        rc = commands[ns.command](ns)
+        if ns.command == "finetune":
+            from flows.finetune_cli import cmd_finetune
+
+            rc = cmd_finetune(ns)
+        else:
+            rc = commands[ns.command](ns)
         if isinstance(rc, _StoppedExit):
             _exit_now(rc)
         return rc

@@ -28,6 +28,7 @@ from mlm_core.vocab import vocab_key
 from tasks import tracking
 from tasks.download import download_stage
 from tasks.evaluate import evaluate_stage
+from tasks.finetune import downstream_task
 from tasks.tokenize import tokenize_stage
 from tasks.train import train_stage
 from tasks.vocab import adopt_vocab_stage, adopted_key, vocab_stage
@@ -37,6 +38,8 @@ from .pretrain import data_stage
 
 TAG_COMPARISON = "melos.comparison"
 TAG_SETTING = "melos.setting"
+TAG_MODEL_DIR = "melos.model_dir"
+CONTROL_LABEL = "random init (control)"
 TABLE_METRICS = (
     "eval/top1_accuracy", "eval/top5_accuracy", "eval/wwm_top1_accuracy", "eval/pseudo_perplexity", "eval/loss",
     "eval/unigram_top1_accuracy", "eval/pll_per_char",
@@ -47,9 +50,11 @@ TABLE_METRICS = (
 def compare_setting(
     shards: dict, vocab: dict, train: TrainConfig, evaluate: EvalConfig, runtime: RuntimeConfig, workdir: str,
     comparison_run_id: str, label: str, init: dict | None = None, char_level: bool = False,
+    downstream: list[str] | None = None, downstream_cfg: dict | None = None,
 ) -> dict:
     """Train ``train`` on the prepared data and evaluate it, in an MLflow run nested under
-    ``comparison_run_id`` (tagged with the setting, for the MLflow UI's compare view).
+    ``comparison_run_id`` (tagged with the setting, for the MLflow UI's compare view); then
+    fine-tune the model on each ``downstream`` task (``finetune/<task>/f1`` on the same run).
     ``init`` continues a checkpoint (``flows.init_from.resolve_init``); ``char_level`` adds the
     tokenizer-independent ``eval/pll_per_char`` (settings with different tokenizers)."""
     client = tracking.client()
@@ -66,6 +71,11 @@ def compare_setting(
         trained = train_stage(shards=shards, vocab=vocab, cfg=train, runtime=runtime, resume=False, init=init, **common)
         report = evaluate_stage(shards=shards, vocab=vocab, trained=trained, cfg=evaluate, runtime=runtime, init=init,
                                 char_level=char_level, **common)
+        tracking.StageRun(run_id).set_tags({TAG_MODEL_DIR: trained["model_dir"]})
+        for task_ref in downstream or []:
+            downstream_task(model_dir=trained["model_dir"], task_ref=task_ref, corpus=shards["dir"],
+                            cfg={**(downstream_cfg or {}), "seeds": 1, "seed": train.seed, "baseline": "none"},
+                            runtime=runtime, run_id=run_id)
     except BaseException as exc:  # KILLED when stopped (Ctrl-C, SIGTERM), else FAILED
         tracking.end_run(run_id, tracking.end_status(exc))
         raise
@@ -114,7 +124,8 @@ def collect_results(comparison_run_id: str) -> list[dict]:
         history = client.get_metric_history(train_run.info.run_id, "train/loss")
         out.append({
             "label": r.data.tags[TAG_SETTING], "seed": int(r.data.tags["melos.seed"]), "mlflow_run_id": r.info.run_id,
-            "metrics": {k: v for k, v in r.data.metrics.items() if k.startswith("eval/")},
+            "metrics": {k: v for k, v in r.data.metrics.items() if k.startswith(("eval/", "finetune/"))},
+            "model_dir": r.data.tags.get(TAG_MODEL_DIR),
             "loss_history": sorted([m.step, m.value] for m in history),
         })
     return out
@@ -133,6 +144,8 @@ def compare(
     workdir: str = "melos-work",
     experiment: str = "melos-compare",
     deployment: str | None = None,
+    downstream: list[str] | None = None,
+    downstream_cfg: dict | None = None,
 ) -> dict:
     """Prepare the data once, train and evaluate every setting x seed, and report.
 
@@ -146,6 +159,9 @@ def compare(
         workdir: stage outputs (shared storage when fanning out).
         experiment: MLflow experiment of the comparison run and its children.
         deployment: 'FLOW/DEPLOYMENT' of compare_setting to fan the settings out to (None: one after another here).
+        downstream: tasks to fine-tune every trained model on (a file, aozora-authors, aozora-pos); the
+            same architecture from random weights is fine-tuned with each seed as the control row.
+        downstream_cfg: fine-tuning settings (epochs, max_steps, learning_rate, batch_size, ...).
     """
     logger = get_run_logger()
     jobs_cfg = setting_jobs(train, grid, seeds)  # bad grids fail before any work
@@ -161,7 +177,8 @@ def compare(
     try:
         tracking.StageRun(parent).log_params(
             {"grid": as_params(grid), "seeds": seeds, "train": train.model_dump(),
-             "evaluate": evaluate.model_dump(), "download": download.model_dump(), "workdir": workdir}
+             "evaluate": evaluate.model_dump(), "download": download.model_dump(), "workdir": workdir,
+             "downstream": downstream or [], "downstream_cfg": downstream_cfg or {}}
         )
         documents = data_stage(download_stage, "download", download_key(download), cfg=download, **common)
         prepared = {}  # starting point -> (shards, vocabulary): each tokenizer's own data stages
@@ -181,7 +198,8 @@ def compare(
             {"shards": prepared[source][0], "vocab": prepared[source][1],
              "train": cfg if inits[source] is None else compare_train_config(cfg, inits[source]),
              "evaluate": evaluate, "runtime": runtime, "workdir": workdir, "comparison_run_id": parent,
-             "label": label, "init": inits[source], "char_level": char_level}
+             "label": label, "init": inits[source], "char_level": char_level, "downstream": downstream or [],
+             "downstream_cfg": downstream_cfg or {}}
             for label, _, cfg, source in jobs_cfg
         ]
         if deployment:
@@ -193,12 +211,15 @@ def compare(
         results = collect_results(parent)
         order = {label: i for i, (label, *_) in enumerate(jobs_cfg)}
         results.sort(key=lambda r: (order.get(r["label"], len(order)), r["seed"]))
-        report = _report(parent, results, grid, seeds, train, workdir, char_level)
+        first_shards = prepared[jobs_cfg[0][3]][0]  # the control uses the first setting's architecture and data
+        controls = _controls(parent, results, downstream or [], downstream_cfg or {}, first_shards, train, seeds,
+                             runtime)
+        report = _report(parent, results, grid, seeds, train, workdir, char_level, controls)
     except BaseException as exc:  # KILLED when stopped (Ctrl-C, SIGTERM), else FAILED
         tracking.end_run(parent, tracking.end_status(exc))
         raise
     tracking.end_run(parent, "FINISHED")
-    return {"mlflow_run_id": parent, "runs": results, **report}
+    return {"mlflow_run_id": parent, "runs": results, "controls": controls, **report}
 
 
 def _resolve_inits(jobs_cfg: list, workdir: str) -> dict[str | None, dict | None]:
@@ -210,13 +231,34 @@ def _resolve_inits(jobs_cfg: list, workdir: str) -> dict[str | None, dict | None
     return out
 
 
+def _controls(parent: str, results: list[dict], downstream: list[str], cfg: dict, shards: dict, train: TrainConfig,
+              seeds: int, runtime: RuntimeConfig) -> list[dict]:
+    """The random-init control of every downstream task: the first setting's architecture from
+    random weights, fine-tuned with each seed; as result rows labelled ``CONTROL_LABEL``."""
+    model_dir = next((r["model_dir"] for r in results if r.get("model_dir")), None)
+    if not downstream or model_dir is None:
+        return []
+    per_seed: list[dict] = [{} for _ in range(seeds)]
+    for task_ref in downstream:
+        out = downstream_task(model_dir=model_dir, task_ref=task_ref, corpus=shards["dir"],
+                              cfg={**cfg, "seeds": seeds, "seed": train.seed, "baseline": "random"},
+                              runtime=runtime, run_id=parent, control=True)
+        for i, m in enumerate(out["per_seed"]):
+            per_seed[i].update(m)
+    return [{"label": CONTROL_LABEL, "seed": train.seed + i, "metrics": m} for i, m in enumerate(per_seed)]
+
+
 def _report(parent: str, results: list[dict], grid: dict | list, seeds: int, train: TrainConfig, workdir: str,
-            char_level: bool = False) -> dict:
-    from tasks.compare_plots import accuracy_bars, loss_curves, pos_bars
+            char_level: bool = False, controls: list[dict] | None = None) -> dict:
+    from tasks.compare_plots import accuracy_bars, downstream_bars, loss_curves, pos_bars
 
     metrics = [m for m in TABLE_METRICS if any(m in r["metrics"] for r in results)]
+    metrics += sorted({k for r in results for k in r["metrics"] if k.startswith("finetune/")})
     pos = sorted({k for r in results for k in r["metrics"] if k.startswith("eval/pos/")})
     rows = summarise(results, metrics + pos)
+    setting_rows = list(rows)
+    if controls:
+        rows += summarise(controls, metrics + pos)
     table = markdown_table(rows, metrics)
     steps = train.max_steps if train.max_steps else f"{train.epochs:g} epochs"
     md = "\n".join([
@@ -229,6 +271,9 @@ def _report(parent: str, results: list[dict], grid: dict | list, seeds: int, tra
            "top-5, loss, pseudo-perplexity) count different units; compare them at the character level with "
            "`pll_per_char`: the pseudo-log-likelihood (word-l2r) of the same held-out sentences divided by their "
            "characters (higher is better), which no tokenizer changes"] if char_level else []),
+        *([f"- **downstream**: `finetune/<task>/f1` is the test F1 after fine-tuning each model (macro F1; entity F1 "
+           f"for NER); the row '{CONTROL_LABEL}' fine-tunes the same architecture from random weights"]
+          if controls else []),
         "", table, "",
     ])
     run = tracking.StageRun(parent)
@@ -238,8 +283,11 @@ def _report(parent: str, results: list[dict], grid: dict | list, seeds: int, tra
         (tmp / "comparison.md").write_text(md, encoding="utf-8")
         (tmp / "comparison.csv").write_text(csv_table(rows, metrics + pos), encoding="utf-8")
         loss_curves(results, tmp / "loss_curves.png")
-        accuracy_bars(rows, tmp / "accuracy.png")
-        pos_bars(rows, tmp / "pos_accuracy.png")
+        accuracy_bars(setting_rows, tmp / "accuracy.png")
+        pos_bars(setting_rows, tmp / "pos_accuracy.png")
+        if any(m.startswith("finetune/") for m in metrics):
+            downstream_bars(rows, [m for m in metrics if m.startswith("finetune/") and m.endswith("/f1")],
+                            tmp / "downstream.png")
     for f in sorted(out.iterdir()):
         run.log_artifact(f, "comparison")
     url = tracking.run_url(parent)

@@ -74,3 +74,18 @@ def pos_bars(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
                width, label=r["setting"])
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(classes))], classes, rotation=30, ha="right", fontsize=8)
     return _finish(plt, fig, ax, path, "Accuracy per part of speech (mean over seeds)", "held-out top-1 accuracy", 7)
+
+
+def downstream_bars(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: Path) -> Path:
+    """Downstream test F1 per setting (the random-init control included), one bar group per task,
+    mean ± seed spread."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) * max(1, len(metrics))), 5))
+    width = 0.8 / max(1, len(rows))
+    for j, r in enumerate(rows):
+        ax.bar([i + j * width for i in range(len(metrics))], [r[m] for m in metrics], width,
+               yerr=[r[f"{m}:spread"] for m in metrics], capsize=3, label=r["setting"])
+    names = [m.removeprefix("finetune/").removesuffix("/f1") for m in metrics]
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))], names, fontsize=8)
+    return _finish(plt, fig, ax, path, "Downstream test F1 after fine-tuning (mean ± spread over seeds)",
+                   "test F1", 7)
