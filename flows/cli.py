@@ -272,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_source(e)
     e.add_argument("--format", choices=["hf"], required=True, help="export format: hf (Hugging Face transformers)")
     e.add_argument("--tracking-uri", metavar="URI", help=TRACKING_URI_HELP)
+
+    from flows import stack
+
+    stack.add_parser(sub)
     return parser
 
 
@@ -648,13 +652,19 @@ def cmd_ui(ns: argparse.Namespace) -> int:
     return serve(store, ns.host, ns.port, ns.prefect_port if ns.prefect else None, experiment_id)
 
 
+def cmd_stack(ns: argparse.Namespace) -> int:
+    from flows.stack import main as stack_main
+
+    return stack_main(ns)
+
+
 def main(argv: list[str] | None = None) -> int:
     # MLflow's own artifact progress bars would stand between a command and its answer.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     ns = build_parser().parse_args(argv)
     commands = {
         "pretrain": cmd_pretrain, "fill-mask": cmd_fill_mask, "runs": cmd_runs, "ui": cmd_ui,
-        "export": cmd_export, "evaluate": cmd_evaluate, "compare": cmd_compare,
+        "export": cmd_export, "evaluate": cmd_evaluate, "compare": cmd_compare, "stack": cmd_stack,
     }
     return commands[ns.command](ns)
 
