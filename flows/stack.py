@@ -454,7 +454,7 @@ def _ensure_pool(state) -> None:
 def _start_worker(state, layout, index: int) -> dict:
     env = {**_base_env(layout), **client_env(state)}
     cmd = [_executable("prefect"), "worker", "start", "--pool", POOL, "--type", "process",
-           "--name", f"melos-stack-{index}-{socket.gethostname()}"]
+           "--name", f"melos-stack-{index}-{socket.gethostname()}", "--limit", str(state["worker_limit"])]
     return _spawn(f"worker-{index}", cmd, layout.logs, env, PROJECT)
 
 
@@ -483,9 +483,10 @@ def deploy(state, layout) -> list[str]:
 
 
 def up(root: Path, host: str = "127.0.0.1", ports: dict | None = None, workers: int | None = None,
-       mlflow_workers: int | None = None, log=print) -> dict:
+       mlflow_workers: int | None = None, worker_limit: int | None = None, log=print) -> dict:
     """Start whatever of the stack is not running; returns the state (as in stack.json).
-    ``workers`` / ``mlflow_workers``: None keeps the numbers recorded (else 1 and 2)."""
+    ``workers`` / ``mlflow_workers`` / ``worker_limit`` (flow runs at once per worker): None
+    keeps the numbers recorded (else 1, 2 and 1: a training run uses the whole machine)."""
     layout = Layout(Path(root).resolve())
     bindir = pg_bindir()
     check_drivers()
@@ -498,6 +499,7 @@ def up(root: Path, host: str = "127.0.0.1", ports: dict | None = None, workers: 
         procs = state.get("processes", {})
         workers = workers or state.get("workers") or 1
         mlflow_workers = mlflow_workers or state.get("mlflow_workers") or 2
+        worker_limit = worker_limit or state.get("worker_limit") or 1
         wanted = ["postgres", "prefect", "mlflow"] + [f"worker-{i}" for i in range(1, workers + 1)]
         if state and all(alive(procs.get(name)) for name in wanted):
             state["already_running"] = True
@@ -510,6 +512,7 @@ def up(root: Path, host: str = "127.0.0.1", ports: dict | None = None, workers: 
             recorded = state.get("ports", {})
             state["ports"] = {name: choose_port(name, ports.get(name), recorded.get(name), host) for name in STANDARD_PORTS}
         state.update({"dir": str(layout.root), "mlflow_workers": mlflow_workers, "workers": workers,
+                      "worker_limit": worker_limit,
                       "processes": procs, "pool": POOL})
 
         def save():
@@ -617,6 +620,8 @@ def add_parser(sub) -> None:
         s.add_argument(f"--{name}-port", type=int, metavar="N",
                        help=f"port of {name} (default: the one used last, else {STANDARD_PORTS[name]} if free, else any free port)")
     s.add_argument("--workers", type=int, metavar="N", help="process workers on the pool (default: as last time, else 1)")
+    s.add_argument("--worker-limit", type=int, metavar="N",
+                   help="flow runs each worker runs at once (default: as last time, else 1)")
     s.add_argument("--mlflow-workers", type=int, metavar="N",
                    help="MLflow server processes (default: as last time, else 2)")
     s.add_argument("--json", action="store_true", help="print the state as JSON")
@@ -630,7 +635,8 @@ def print_up(state: dict) -> None:
         f"  postgresql   {u['postgres']}  (databases {', '.join(DATABASES)}; password in {state['dir']}/pgpass, mode 600)",
         f"  prefect      {u['prefect_ui']}",
         f"  mlflow       {u['mlflow']}  (artifacts in {state['dir']}/artifacts)",
-        f"  work pool    {POOL}, {state['workers']} worker(s); logs in {state['dir']}/logs",
+        f"  work pool    {POOL}, {state['workers']} worker(s) x {state['worker_limit']} run(s) at once; "
+        f"logs in {state['dir']}/logs",
     ]
     if state.get("deployments"):
         info.append(f"  deployments  {', '.join(state['deployments'])}")
@@ -643,7 +649,7 @@ def main(ns) -> int:
     try:
         if ns.action == "up":
             ports = {name: getattr(ns, f"{name}_port") for name in STANDARD_PORTS}
-            state = up(Path(ns.dir), ns.host, ports, ns.workers, ns.mlflow_workers,
+            state = up(Path(ns.dir), ns.host, ports, ns.workers, ns.mlflow_workers, ns.worker_limit,
                        log=lambda m: print(m, file=sys.stderr))
             print(json.dumps(state, indent=2)) if ns.json else print_up(state)
             return 0

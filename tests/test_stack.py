@@ -1,0 +1,258 @@
+"""`melos stack`: the PostgreSQL-backed team stack, started for real by `melos stack up`
+(one stack for this module), and what must hold on it: loopback only, a password on the
+database, the champion gate under concurrent runs, and many deployment runs at once.
+
+The first tests need no servers: the one-line errors, the process identity `down` relies on,
+and the champion gate's race on a SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import REPO, free_port
+
+from flows import stack
+from mlm_core.config import EvalConfig, RuntimeConfig
+from tasks import publish
+
+
+def _melos(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env or os.environ.copy())
+
+
+# ---------------------------------------------------------------------------------------
+# no servers
+
+
+def test_missing_postgresql_binaries_is_one_line_naming_the_package(tmp_path):
+    out = _melos("stack", "up", "--dir", str(tmp_path / "s"), env={**os.environ, "MELOS_PG_BINDIR": str(tmp_path / "nope")})
+    assert out.returncode != 0
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("melos: ")
+    assert "apt-get install postgresql" in out.stderr
+
+
+def test_missing_drivers_is_one_line_naming_the_extra(tmp_path):
+    code = ("import sys; sys.modules['asyncpg'] = None; from flows.cli import main; "
+            f"sys.exit(main(['stack', 'up', '--dir', {str(tmp_path / 's')!r}]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    if not list(Path("/").glob("usr/lib/postgresql/*/bin/initdb")):
+        pytest.skip("PostgreSQL is not installed: the binaries are checked first")
+    assert out.returncode != 0 and out.stderr.count("\n") == 1
+    assert "asyncpg" in out.stderr and "pip install 'melos[team]'" in out.stderr
+    assert not (tmp_path / "s").exists()  # nothing half-made
+
+
+def test_down_without_a_stack_says_so(tmp_path):
+    out = _melos("stack", "down", "--dir", str(tmp_path))
+    assert out.returncode != 0 and out.stderr.strip() == f"melos: no stack in {tmp_path} (no stack.json); nothing to stop"
+
+
+def test_a_recycled_pid_is_never_signalled():
+    """`down` signals a pid only while its kernel start time is the recorded one."""
+    me = {"pid": os.getpid(), "start": stack._proc_start(os.getpid())}
+    assert stack.alive(me)
+    stranger = {**me, "start": me["start"] - 1}  # same pid, another process's start time
+    assert not stack.alive(stranger)
+    assert stack.stop(stranger, group=False) is False  # and we are still here to assert it
+
+
+def _versions(client, name: str, scores: list[float], key: str) -> list[str]:
+    client.create_registered_model(name)
+    exp = client.create_experiment(f"gate-{name}") if client.get_experiment_by_name(f"gate-{name}") is None else \
+        client.get_experiment_by_name(f"gate-{name}").experiment_id
+    out = []
+    for top1 in scores:
+        run = client.create_run(exp)
+        mv = client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id,
+                                         tags={publish.TAG_EVAL_KEY: key, publish.TAG_TOP1: repr(top1)})
+        client.set_terminated(run.info.run_id)
+        out.append(mv.version)
+    return out
+
+
+def race(client, name: str, prefect_api: str | None = None) -> dict:
+    """Two runs gate at once: the worse one reads first and decides slowly (it would write
+    last); the better one reads while the worse is deciding. Returns the champion's top1."""
+    worse, better = _versions(client, name, [0.40, 0.60], key="k")
+    real = publish.promotion_decision
+
+    def decide(new_top1, champion):
+        out = real(new_top1, champion)
+        if new_top1 < 0.5:
+            time.sleep(2.0)  # the worse run is still "comparing" when the better one reads
+        return out
+
+    errors: list[BaseException] = []
+
+    def gate(version, top1):
+        import contextlib
+
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        ctx = temporary_settings(updates={PREFECT_API_URL: prefect_api}) if prefect_api else contextlib.nullcontext()
+        try:
+            with ctx:
+                publish.gate(client, name, version, "k", top1, {}, EvalConfig(), RuntimeConfig())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    publish.promotion_decision = decide
+    try:
+        a = threading.Thread(target=gate, args=(worse, 0.40))
+        b = threading.Thread(target=gate, args=(better, 0.60))
+        a.start()
+        time.sleep(0.5)
+        b.start()
+        a.join(120)
+        b.join(120)
+    finally:
+        publish.promotion_decision = real
+    assert not errors, errors
+    champion = client.get_model_version_by_alias(name, publish.CHAMPION)
+    return {"version": champion.version, "top1": float(champion.tags[publish.TAG_TOP1]), "better": better}
+
+
+def test_champion_gate_race_on_sqlite(tmp_path, monkeypatch):
+    """The race is real (without the lock the worse run wins), and the lock fixes it."""
+    import contextlib
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    with monkeypatch.context() as m:
+        m.setattr(publish, "gate_lock", lambda name: contextlib.nullcontext())
+        assert race(client, "unlocked")["top1"] == 0.40  # the worse one wrote last
+    won = race(client, "locked")
+    assert won["top1"] == 0.60 and won["version"] == won["better"]
+    assert list(tmp_path.glob("mlflow.db.melos-registry-locked.lock"))
+
+
+# ---------------------------------------------------------------------------------------
+# the real stack
+
+
+@pytest.fixture(scope="module")
+def team_stack():
+    """`melos stack up --workers 2` on free ports in a fresh directory; `down` at the end."""
+    root = Path(tempfile.mkdtemp(prefix="melos-stack-"))
+    os.chmod(root, 0o711)  # PostgreSQL may run as another account (under root): let it reach pgdata
+    d = root / "stack"
+    ports = {name: free_port() for name in ("postgres", "prefect", "mlflow")}
+    began = time.monotonic()
+    out = _melos("stack", "up", "--dir", str(d), "--workers", "2",
+                 *[a for name, port in ports.items() for a in (f"--{name}-port", str(port))])
+    took = time.monotonic() - began
+    if out.returncode != 0:
+        logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((d / "logs").glob("*.log")))
+        _melos("stack", "down", "--dir", str(d))
+        pytest.fail(f"stack up failed: {out.stderr}{logs}")
+    exports = dict(line[len("export "):].split("=", 1) for line in out.stdout.splitlines())
+    state = json.loads((d / "stack.json").read_text())
+    print(f"\nmelos stack up took {took:.1f} s (its own count: {state['up_seconds']} s)")
+    try:
+        yield {"dir": d, "state": state, "exports": exports, "ports": ports, "up_stdout": out.stdout,
+               "up_stderr": out.stderr}
+    finally:
+        down = _melos("stack", "down", "--dir", str(d))
+        assert down.returncode == 0, down.stderr
+        for rec in state["processes"].values():
+            assert not stack.alive(rec), f"{rec['cmd']} (pid {rec['pid']}) outlived `melos stack down`"
+        for port in ports.values():
+            with socket.socket() as s:
+                assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers after down"
+
+
+
+@pytest.mark.servers
+def test_up_prints_the_exports_and_is_idempotent(team_stack):
+    p = team_stack["ports"]
+    assert team_stack["exports"] == {"PREFECT_API_URL": f"http://127.0.0.1:{p['prefect']}/api",
+                                     "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{p['mlflow']}"}
+    assert "pretrain/melos-nightly" in team_stack["up_stderr"] and "compare-setting/melos-compare" in team_stack["up_stderr"]
+    again = _melos("stack", "up", "--dir", str(team_stack["dir"]), timeout=120)
+    assert again.returncode == 0 and "already running" in again.stderr
+    assert again.stdout == team_stack["up_stdout"]  # the same two export lines
+    after = json.loads((team_stack["dir"] / "stack.json").read_text())
+    assert after["processes"] == team_stack["state"]["processes"]  # nothing restarted
+    st = _melos("stack", "status", "--dir", str(team_stack["dir"]), "--json", timeout=120)
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert set(json.loads(st.stdout)["status"].values()) == {"running"}
+    # the deployments are on the Prefect server, on the pool the two workers serve
+    api = team_stack["exports"]["PREFECT_API_URL"]
+    dep = httpx.get(f"{api}/deployments/name/pretrain/melos-nightly", timeout=30).json()
+    assert dep["work_pool_name"] == stack.POOL
+    workers = httpx.post(f"{api}/work_pools/{stack.POOL}/workers/filter", json={}, timeout=30).json()
+    assert sum(w["status"] == "ONLINE" for w in workers) == 2
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) listening on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.rsplit(":", 1)
+            if state == "0A" and int(hexport, 16) == port:
+                found.add(addr)
+    return found
+
+
+@pytest.mark.servers
+def test_listens_on_loopback_only(team_stack):
+    for name, port in team_stack["ports"].items():
+        assert _listening(port) == {"0100007F"}, f"{name} on port {port} listens on {_listening(port)}"
+    # PostgreSQL has no Unix socket either
+    conf = [a for a in team_stack["state"]["processes"]["postgres"]["cmd"]]
+    assert conf[0].endswith("/postgres")
+    assert not list(Path(team_stack["dir"]).rglob(".s.PGSQL.*"))
+
+
+@pytest.mark.servers
+def test_database_refuses_a_connection_without_the_password(team_stack, monkeypatch):
+    import psycopg
+
+    d, port = team_stack["dir"], team_stack["ports"]["postgres"]
+    assert (d / "pgpass").stat().st_mode & 0o777 == 0o600
+    monkeypatch.delenv("PGPASSFILE", raising=False)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(d / "no-such-passfile"))  # not even ~/.pgpass
+    kw = {"host": "127.0.0.1", "port": port, "user": stack.DB_USER, "dbname": "mlflow", "connect_timeout": 10}
+    with pytest.raises(psycopg.OperationalError, match="no password supplied|password authentication failed"):
+        psycopg.connect(**kw)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(**kw, password="not-the-password")
+    for user in ("postgres", "prefect"):  # no other role gets in without a password either
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(**{**kw, "user": user})
+    monkeypatch.setenv("PGPASSFILE", str(d / "pgpass"))
+    with psycopg.connect(**kw) as conn:
+        tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert {"runs", "metrics", "registered_models"} <= tables  # MLflow's store is in PostgreSQL
+
+
+@pytest.mark.servers
+def test_champion_gate_race_on_the_stack(team_stack, monkeypatch):
+    """Through the tracking server: the gate's lock is a Prefect global concurrency limit."""
+    from mlflow.tracking import MlflowClient
+
+    uri = team_stack["exports"]["MLFLOW_TRACKING_URI"]
+    api = team_stack["exports"]["PREFECT_API_URL"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    won = race(MlflowClient(uri), "race-on-stack", prefect_api=api)
+    assert won["top1"] == 0.60 and won["version"] == won["better"]
+    limit = httpx.get(f"{api}/v2/concurrency_limits/{publish.gate_lock_name('race-on-stack')}", timeout=30).json()
+    assert limit["limit"] == 1 and limit["active_slots"] == 0  # held one at a time, and released
