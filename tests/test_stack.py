@@ -256,3 +256,67 @@ def test_champion_gate_race_on_the_stack(team_stack, monkeypatch):
     assert won["top1"] == 0.60 and won["version"] == won["better"]
     limit = httpx.get(f"{api}/v2/concurrency_limits/{publish.gate_lock_name('race-on-stack')}", timeout=30).json()
     assert limit["limit"] == 1 and limit["active_slots"] == 0  # held one at a time, and released
+
+
+TINY_TRAIN = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_length": 64,
+              "max_steps": 6, "checkpoint_every": 3}
+STAGES = ["download", "evaluate", "tokenize", "train", "vocab"]
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# 4 settings x 2 seeds, as the issue asks; MELOS_STACK_LOAD_RUNS=N keeps the first N of them
+GRID = [({"mask_rate": rate, "masking": masking}, seed)
+        for rate in (0.15, 0.3) for masking in ("static", "dynamic") for seed in (0, 1)]
+
+
+def submit(api: str, deployment: str, parameters: list[dict]) -> list[str]:
+    dep = httpx.get(f"{api}/deployments/name/{deployment}", timeout=30).json()
+    return [httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": p}, timeout=30).json()["id"]
+            for p in parameters]
+
+
+def wait_terminal(api: str, ids: list[str], timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"id": {"any_": ids}}}, timeout=30).json()
+        if len(runs) == len(ids) and all(r["state"]["type"] in TERMINAL for r in runs):
+            return runs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not finished in {timeout:.0f}s: {sorted(r['state']['type'] for r in runs)}")
+        time.sleep(2)
+
+
+@pytest.mark.servers
+def test_many_deployment_runs_at_once_all_finish_once_each_in_mlflow(team_stack, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    api, uri = team_stack["exports"]["PREFECT_API_URL"], team_stack["exports"]["MLFLOW_TRACKING_URI"]
+    grid = GRID[: int(os.environ.get("MELOS_STACK_LOAD_RUNS", len(GRID)))]
+    params = [{"workdir": str(tmp_path / "work"), "experiment": "load", "register_as": "load-model",
+               "train": {**TINY_TRAIN, **setting, "seed": seed}, "evaluate": {"passes": 1, "pll_sentences": 2},
+               "runtime": {"num_threads": 1}} for setting, seed in grid]
+    began = time.monotonic()
+    ids = submit(api, "pretrain/melos-nightly", params)
+    runs = wait_terminal(api, ids, timeout=900)
+    took = time.monotonic() - began
+    print(f"\n{len(ids)} tiny pipeline runs on 2 workers in {took:.0f} s: {60 * len(ids) / took:.2f} runs/min")
+    assert sorted(r["state"]["type"] for r in runs) == ["COMPLETED"] * len(ids), [r["state"] for r in runs]
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("load")
+    every = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in every if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == len(ids)  # exactly one parent per flow run: no duplicates, none missing
+    assert sorted(p.data.tags["prefect.flow_run_id"] for p in parents) == sorted(ids)
+    assert {p.info.status for p in parents} == {"FINISHED"}
+    assert len(every) == len(ids) * (1 + len(STAGES))
+    for parent in parents:
+        children = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(c.data.tags["melos.stage"] for c in children) == STAGES
+        assert {c.info.status for c in children} == {"FINISHED"}
+        [train] = [c for c in children if c.data.tags["melos.stage"] == "train"]
+        steps = [m.step for m in client.get_metric_history(train.info.run_id, "train/loss")]
+        assert sorted(steps) == list(range(1, TINY_TRAIN["max_steps"] + 1)), steps  # complete, each once
+    # all of them went through the champion gate at nearly the same time: the best one holds it
+    champion = client.get_model_version_by_alias("load-model", publish.CHAMPION)
+    best = max(p.data.metrics["eval/top1_accuracy"] for p in parents)
+    assert float(champion.tags[publish.TAG_TOP1]) == best
+    assert len(client.search_model_versions("name = 'load-model'")) == len(ids)
