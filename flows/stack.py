@@ -451,8 +451,39 @@ def _ensure_pool(state) -> None:
         raise StackError(f"could not create the work pool {POOL}: HTTP {r.status_code} {r.text[:200]}")
 
 
+HEARTBEAT_S = 30  # flow runs' heartbeat (Prefect's minimum; its default is 180 s)
+CRASH_AFTER_S = 75  # no heartbeat for this long: the run's process is gone with its worker
+AUTOMATION = "melos: mark flow runs whose heartbeat stopped as crashed"
+
+
+def _ensure_crash_automation(state) -> None:
+    """A flow run whose worker (machine) dies stops sending heartbeats but stays RUNNING for
+    ever; this automation (Prefect's own recipe for such "zombie" runs) marks it CRASHED."""
+    import httpx
+
+    api = urls(state)["prefect_api"]
+    existing = httpx.post(f"{api}/automations/filter", json={}, timeout=30).json()
+    if any(a["name"] == AUTOMATION for a in existing):
+        return
+    body = {
+        "name": AUTOMATION,
+        "description": f"Created by `melos stack up`: no heartbeat from a running flow run for {CRASH_AFTER_S} s "
+                       f"(they beat every {HEARTBEAT_S} s).",
+        "enabled": True,
+        "trigger": {"type": "event", "posture": "Proactive", "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+                    "after": ["prefect.flow-run.heartbeat"], "expect": ["prefect.flow-run.*"],
+                    "for_each": ["prefect.resource.id"], "threshold": 1, "within": CRASH_AFTER_S},
+        "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
+                     "message": f"no heartbeat for {CRASH_AFTER_S} s: the flow run's process or its worker died; "
+                                "run it again with resume=true (melos pretrain --resume) to continue from its checkpoint"}],
+    }
+    r = httpx.post(f"{api}/automations/", json=body, timeout=30)
+    if not r.is_success:
+        raise StackError(f"could not create the Prefect automation {AUTOMATION!r}: HTTP {r.status_code} {r.text[:200]}")
+
+
 def _start_worker(state, layout, index: int) -> dict:
-    env = {**_base_env(layout), **client_env(state)}
+    env = {**_base_env(layout), **client_env(state), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
     cmd = [_executable("prefect"), "worker", "start", "--pool", POOL, "--type", "process",
            "--name", f"melos-stack-{index}-{socket.gethostname()}", "--limit", str(state["worker_limit"])]
     return _spawn(f"worker-{index}", cmd, layout.logs, env, PROJECT)
@@ -534,6 +565,7 @@ def up(root: Path, host: str = "127.0.0.1", ports: dict | None = None, workers: 
             procs["mlflow"] = _start_mlflow(state, layout)
             save()
         _ensure_pool(state)
+        _ensure_crash_automation(state)
         names = []
         for i in range(1, workers + 1):
             names.append(f"melos-stack-{i}-{socket.gethostname()}")

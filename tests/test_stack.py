@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -323,15 +324,16 @@ def test_many_deployment_runs_at_once_all_finish_once_each_in_mlflow(team_stack,
     assert len(client.search_model_versions("name = 'load-model'")) == len(ids)
 
 
-def _paused_run(api: str, tmp_path: Path, name: str, extra_train: dict | None = None) -> tuple[str, Path]:
-    """One tiny pretrain flow run on the pool, held at its first checkpoint (steps 1-3 done)
-    by the test pause hook until the returned marker file is deleted."""
+def _paused_run(api: str, tmp_path: Path, name: str, at: str = "checkpoint") -> tuple[str, Path]:
+    """One tiny pretrain flow run on the pool, held by the test pause hook while writing its
+    first checkpoint (``at="checkpoint"``: steps 1-3 done) or its second (``"checkpoint#2"``:
+    step 6, the first checkpoint in place), until the returned marker file is deleted."""
     marker = tmp_path / f"{name}.paused"
     params = {"workdir": str(tmp_path / "work"), "experiment": name, "register_as": None,
-              "train": {**TINY_TRAIN, **(extra_train or {})}, "evaluate": {"passes": 1, "pll_sentences": 2},
+              "train": TINY_TRAIN, "evaluate": {"passes": 1, "pll_sentences": 2},
               "runtime": {"num_threads": 1}}
     dep = httpx.get(f"{api}/deployments/name/pretrain/melos-nightly", timeout=30).json()
-    env = {"MELOS_TEST_PAUSE_AT": "checkpoint", "MELOS_TEST_PAUSE_MARKER": str(marker)}
+    env = {"MELOS_TEST_PAUSE_AT": at, "MELOS_TEST_PAUSE_MARKER": str(marker)}
     fr = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run",
                     json={"parameters": params, "job_variables": {"env": env}}, timeout=30).json()
     deadline = time.monotonic() + 300
@@ -365,3 +367,41 @@ def test_mlflow_killed_and_restarted_mid_training_loses_no_metric(team_stack, tm
     steps = sorted(m.step for m in client.get_metric_history(train.info.run_id, "train/loss"))
     assert steps == list(range(1, TINY_TRAIN["max_steps"] + 1))
     assert train.info.status == "FINISHED"
+
+
+@pytest.mark.servers
+def test_a_worker_killed_mid_run_leaves_a_crashed_run_that_resume_completes(team_stack, tmp_path):
+    """The machine of a worker lost mid-training: the worker and its flow run's process die
+    together. Prefect marks the run CRASHED (the stack's heartbeat automation); the same
+    parameters with resume=true, on the other worker, finish it from its checkpoint."""
+    from mlflow.tracking import MlflowClient
+
+    api, uri = team_stack["exports"]["PREFECT_API_URL"], team_stack["exports"]["MLFLOW_TRACKING_URI"]
+    flow_run_id, marker = _paused_run(api, tmp_path, "worker-lost", at="checkpoint#2")
+    run_pid = int(marker.read_text().split()[0])
+    procs = json.loads((team_stack["dir"] / "stack.json").read_text())["processes"]
+    workers = {name: rec for name, rec in procs.items() if name.startswith("worker-")}
+    # the worker that runs it is the flow run process's parent
+    parent = int(Path(f"/proc/{run_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    [(lost, rec)] = [(n, r) for n, r in workers.items() if r["pid"] in (parent, os.getpgid(run_pid))]
+    os.kill(run_pid, signal.SIGKILL)
+    stack.stop(rec, signal.SIGKILL)
+    killed_at = time.monotonic()
+    [run] = wait_terminal(api, [flow_run_id], timeout=stack.CRASH_AFTER_S + 150)
+    print(f"\nmarked {run['state']['type']} {time.monotonic() - killed_at:.0f} s after the worker was killed")
+    assert run["state"]["type"] == "CRASHED" and "heartbeat" in run["state"]["message"]
+
+    params = {**run["parameters"], "resume": True}
+    [again] = submit(api, "pretrain/melos-nightly", [params])
+    [done] = wait_terminal(api, [again], timeout=400)
+    assert done["state"]["type"] == "COMPLETED", done["state"]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("worker-lost")
+    trains = client.search_runs([exp.experiment_id], filter_string="tags.`melos.stage` = 'train'")
+    resumed = [t for t in trains if t.info.status == "FINISHED"]
+    assert len(resumed) == 1
+    steps = sorted(m.step for m in client.get_metric_history(resumed[0].info.run_id, "train/loss"))
+    assert steps == list(range(1, TINY_TRAIN["max_steps"] + 1))  # the whole curve, checkpoint + the rest
+    # `up` brings the lost worker back
+    assert _melos("stack", "up", "--dir", str(team_stack["dir"]), timeout=400).returncode == 0
+    assert stack.alive(json.loads((team_stack["dir"] / "stack.json").read_text())["processes"][lost])
