@@ -302,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     from flows import finetune_cli
 
     finetune_cli.add_command(sub, _command, _add_run_options, _positive_int)
+
+    from flows import stack
+
+    stack.add_parser(sub)
     return parser
 
 
@@ -734,6 +738,12 @@ def cmd_ui(ns: argparse.Namespace) -> int:
     return serve(store, ns.host, ns.port, ns.prefect_port if ns.prefect else None, experiment_id, ns.access_log)
 
 
+def cmd_stack(ns: argparse.Namespace) -> int:
+    from flows.stack import main as stack_main
+
+    return stack_main(ns)
+
+
 def main(argv: list[str] | None = None) -> int:
     from flows.errors import report
     from flows.server import quiet_defaults
@@ -748,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     commands = {
         "pretrain": cmd_pretrain, "fill-mask": cmd_fill_mask, "runs": cmd_runs, "ui": cmd_ui,
-        "export": cmd_export, "evaluate": cmd_evaluate, "compare": cmd_compare,
+        "export": cmd_export, "evaluate": cmd_evaluate, "compare": cmd_compare, "stack": cmd_stack,
     }
     try:
         if ns.command == "finetune":

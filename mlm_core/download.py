@@ -31,7 +31,7 @@ from .aozora import TextDecodeError, clean_aozora, clean_plain, decode_text
 from .catalogue import CATALOGUE_PATH, CatalogueError, join_base, parse_selection, read_catalogue, rebase_url, select_works
 from .config import EMBEDDED_SOURCE, DownloadConfig
 from .errors import UserError
-from .io import atomic_dir, atomic_path, atomic_write_json, fingerprint, sha256_bytes, sha256_file
+from .io import atomic_dir, atomic_path, atomic_write_json, exclusive, fingerprint, sha256_bytes, sha256_file
 from .pause import pause_point
 
 EMBEDDED_ZIP = Path(__file__).parent / "corpus" / "1567_ruby_4948.zip"
@@ -575,11 +575,35 @@ def download_corpus(
     """
     sources = [parse_source(s) for s in cfg.sources]
     keys = [source_key(s, cfg) for s in sources]
-    fetcher = Fetcher(cfg, raw_cache)
+    # Runs sharing a work directory (workers of one pool) take turns: one that finds the same
+    # download finished by another keeps it, since others may be reading it. Replacing it
+    # would move the documents away under a tokenize stage reading them.
+    out_dir = Path(out_dir)
+    with exclusive(out_dir.parent / f".{out_dir.name}.lock"):
+        done = _finished(out_dir, cfg, keys)
+        if done is not None:
+            return done
+        fetcher = Fetcher(cfg, raw_cache)
+        try:
+            return _download(cfg, sources, keys, fetcher, out_dir, raw_cache, progress)
+        finally:
+            fetcher.close()
+
+
+def _finished(out_dir: Path, cfg: DownloadConfig, keys: list) -> dict | None:
+    """The manifest of a complete earlier download of the same sources and settings, with no
+    failed file and every document in place; else None."""
     try:
-        return _download(cfg, sources, keys, fetcher, out_dir, raw_cache, progress)
-    finally:
-        fetcher.close()
+        manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (manifest.get("source_keys") != keys or manifest.get("config") != cfg.fingerprint_fields()
+            or manifest.get("failures")):
+        return None
+    docs = out_dir / "docs"
+    if not all((docs / f"{d['doc_id']}.txt").is_file() for d in manifest.get("documents", [])):
+        return None
+    return manifest
 
 
 def _download(cfg, sources, keys, fetcher, out_dir, raw_cache, progress) -> dict:

@@ -16,7 +16,9 @@ with the same mask settings instead of comparing numbers from different data.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -32,7 +34,7 @@ from mlm_core.config import EvalConfig, RuntimeConfig
 from mlm_core.hf_export import CARD_FILE
 from mlm_core.io import atomic_write_json, fingerprint, read_json
 
-from . import tracking
+from . import stores, tracking
 from .common import MANIFEST
 
 CHAMPION = "champion"
@@ -177,10 +179,52 @@ def publish_stage(
     return out
 
 
+def gate_lock_name(model_name: str) -> str:
+    """The Prefect global concurrency limit that serialises the gate of ``model_name``."""
+    return "melos-registry-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
+
+
+@contextmanager
+def gate_lock(model_name: str, timeout_s: float = 1800.0) -> Iterator[None]:
+    """Hold the champion gate of ``model_name`` against every other run deciding about it.
+
+    The gate reads the alias, compares, then moves it; two runs doing that at once could
+    both read the old champion and the worse one could write last. A local store (SQLite
+    file or ``file:`` directory) is locked with a file lock beside it. Any other store
+    (a tracking server) is locked with a Prefect global concurrency limit of one slot,
+    created on first use: every run launched through the same Prefect server, on any worker
+    machine, waits for it. Its slot is leased, so a run killed while holding it frees it
+    when the lease (60 s) runs out.
+    """
+    uri = tracking.tracking_uri()
+    local = stores.sqlite_path(uri)  # the database file, or the file store's directory
+    if local is None and (uri.startswith("file:") or "://" not in uri):
+        local = Path(uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:"))
+    if local is not None and str(local) != ":memory:":
+        from .locks import file_lock
+
+        with file_lock(local.with_name(f"{local.name}.{gate_lock_name(model_name)}.lock")):
+            yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    limit = gate_lock_name(model_name)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(limit)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another run created it meanwhile
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+    with concurrency(limit, occupy=1, timeout_seconds=timeout_s, strict=True, lease_duration=60):
+        yield
+
+
 def register_and_gate(name: str, logged_uri: str, trained: dict, shards: dict, vocab: dict, report: dict,
                       cfg: EvalConfig, runtime: RuntimeConfig, parent_run_id: str) -> dict:
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     from mlm_core.checkpoint import read_meta
 
@@ -190,6 +234,21 @@ def register_and_gate(name: str, logged_uri: str, trained: dict, shards: dict, v
     top1 = float(report["metrics"]["eval/top1_accuracy"])
     version = mlflow.register_model(logged_uri, name, tags={TAG_EVAL_KEY: key, TAG_TOP1: repr(top1),
                                                              TAG_RUN: parent_run_id}).version
+    return gate(client, name, version, key, top1, shards, cfg, runtime)
+
+
+def gate(client, name: str, version: str, key: str, top1: float, shards: dict, cfg: EvalConfig,
+         runtime: RuntimeConfig) -> dict:
+    """Move the champion alias to ``version`` if its ``top1`` beats the champion's; the read,
+    the comparison and the write happen under ``gate_lock``, one run at a time."""
+    with gate_lock(name):
+        return _gate(client, name, version, key, top1, shards, cfg, runtime)
+
+
+def _gate(client, name: str, version: str, key: str, top1: float, shards: dict, cfg: EvalConfig,
+          runtime: RuntimeConfig) -> dict:
+    from mlflow.exceptions import MlflowException
+
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:

@@ -510,3 +510,18 @@ def test_config_refuses_no_sources() -> None:
     with pytest.raises(ValueError, match="sources is empty"):
         DownloadConfig(sources=["  ", ""])
     assert DownloadConfig(sources=[" embedded "]).sources == ["embedded"]
+
+
+def test_a_finished_download_is_kept_not_replaced_under_its_readers(tmp_path):
+    """Runs sharing a work directory: the second run of the same download keeps the first's
+    directory (a tokenize stage may be reading it), unless it is incomplete."""
+    cfg = DownloadConfig()
+    out = tmp_path / "download"
+    first = download_corpus(cfg, out, tmp_path / "raw")
+    inode = out.stat().st_ino
+    again = download_corpus(cfg, out, tmp_path / "raw")
+    assert again == first and out.stat().st_ino == inode  # same directory, not swapped
+    [doc] = first["documents"]
+    (out / "docs" / f"{doc['doc_id']}.txt").unlink()  # incomplete: made again
+    remade = download_corpus(cfg, out, tmp_path / "raw")
+    assert remade["fingerprint"] == first["fingerprint"] and (out / "docs" / f"{doc['doc_id']}.txt").is_file()
