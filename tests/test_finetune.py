@@ -13,7 +13,7 @@ import torch
 
 from mlm_core.finetune import (
     FinetuneConfig, FinetuneModel, encode_examples, finetune, load_finetuned, pack, predict_ids, save_finetuned,
-    score, summarize,
+    score, summarize, train_head,
 )
 from mlm_core.finetune_data import (
     Example, TaskData, TaskDataError, builtin_task, load_task_files, read_conll, seeded_split,
@@ -210,6 +210,15 @@ def test_kfold_pools_every_example(tiny, tmp_path):
     bad.write_text("text,text_b,label\n走った。,笑った。,a\n走った。,,b\n", encoding="utf-8")
     with pytest.raises(TaskDataError, match=r"half\.csv:3: empty 'text_b'"):
         load_task_files(bad, "classification")
+
+
+def test_minutes_budget_stops_training(tiny, merosu):
+    encoder, tok = tiny
+    exs = [Example(label=str(i % 2), text=t) for i, t in enumerate(["メロスは激怒した。", "王は笑った。"] * 40)]
+    enc = encode_examples(exs, tok, "classification", {"0": 0, "1": 1}, 64)
+    model = FinetuneModel(BertForMaskedLM(encoder.config), 2, "classification")
+    stats = train_head(model, enc, FinetuneConfig(epochs=1000, batch_size=4, minutes=0.5 / 60), 0, torch.device("cpu"))
+    assert 1 <= stats.steps < 20 * 1000 and stats.seconds < 5  # the half-second budget ended it, not the epochs
 
 
 def test_summarize_separation():
