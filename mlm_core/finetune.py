@@ -25,7 +25,6 @@ import copy
 import math
 import statistics
 import time
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import CONFIG, MODEL, VOCAB
-from .finetune_data import UNSEEN, Example, TaskData, split_words
+from .finetune_data import UNSEEN, Example, TaskData
 from .finetune_metrics import accuracy, entity_scores, macro_f1
 from .io import atomic_dir, read_json
 from .model import IGNORE_INDEX, BertForMaskedLM, ModelConfig
@@ -77,25 +76,21 @@ class Encoded:
         return np.array([len(x) for x in self.ids], dtype=np.int64)
 
 
-def _norm(text: str) -> str:
-    return unicodedata.normalize("NFKC", text)
-
-
 def encode_examples(
     examples: list[Example], tokenizer: WordPieceTokenizer, kind: str, label_to_id: dict[str, int], max_length: int,
     resplit: bool = True,
 ) -> Encoded:
     """Subword ids, token types and labels of ``examples``, cut to ``max_length`` positions.
 
-    Token tasks: each file token is split into the model's words (``split_words``; skipped with
+    Token tasks: each file token is split into the model's words (the tokenizer's own splitter, ``split_words``; skipped with
     ``resplit=False`` when the tokens are the model's words already), then into subwords.
     """
     out = Encoded([], [], [], [])
     cls, sep = tokenizer.cls_id, tokenizer.sep_id
     if kind == "classification":
-        a = tokenizer.encode_words_batch([split_words(_norm(ex.text)) for ex in examples])
+        a = tokenizer.encode_words_batch([tokenizer.split_words(ex.text) for ex in examples])
         has_b = [ex.text_b is not None for ex in examples]
-        b_words = [split_words(_norm(ex.text_b)) for ex in examples if ex.text_b is not None]
+        b_words = [tokenizer.split_words(ex.text_b) for ex in examples if ex.text_b is not None]
         b_iter = iter(tokenizer.encode_words_batch(b_words))
         for ex, ids_a, pair in zip(examples, a, has_b):
             ids_b = next(b_iter) if pair else None
@@ -120,7 +115,7 @@ def encode_examples(
     for ex in examples:
         words, owner = [], []
         for t, token in enumerate(ex.tokens):
-            parts = split_words(_norm(token)) if resplit else [token]
+            parts = tokenizer.split_words(token) if resplit else [token]
             words += parts
             owner += [t] * len(parts)
         flat.append(words)

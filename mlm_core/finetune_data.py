@@ -11,8 +11,8 @@ Two kinds of example:
 Every problem with the input is a ``TaskDataError`` whose message names the file (and line
 where there is one) and what to do, for the CLI to print as one line.
 
-All splitting of raw text into words goes through ``split_words`` (one place to change the
-word splitter).
+Raw text is split into words by the model's own tokenizer (``WordPieceTokenizer.split_words``:
+unidic-lite for a Melos model, the checkpoint's dictionary for an imported one), not here.
 """
 
 from __future__ import annotations
@@ -26,17 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .tokenizer import MecabWords
-
-_SPLITTER: MecabWords | None = None
-
-
-def split_words(text: str) -> list[str]:
-    """The model's words of ``text`` (today: MeCab with unidic-lite, as the tokenize stage)."""
-    global _SPLITTER
-    if _SPLITTER is None:
-        _SPLITTER = MecabWords()
-    return _SPLITTER(text)[0]
 
 
 class TaskDataError(ValueError):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mlm_core.finetune import FinetuneConfig, FinetuneModel, encode_examples, predict_ids, train_head
-from mlm_core.finetune_data import Example, split_words
+from mlm_core.finetune_data import Example
 from mlm_core.finetune_export import export_finetuned_hf
 from mlm_core.model import BertForMaskedLM, ModelConfig
 
@@ -27,7 +27,7 @@ def _trained(merosu, kind: str, labels: list[str]):
     if kind == "classification":
         exs = [Example(label=labels[i % len(labels)], text=t) for i, t in enumerate(TEXTS)]
     else:
-        exs = [Example(tokens=(w := split_words(t)), tags=[labels[len(x) % len(labels)] for x in w]) for t in TEXTS]
+        exs = [Example(tokens=(w := merosu.tokenizer.split_words(t)), tags=[labels[len(x) % len(labels)] for x in w]) for t in TEXTS]
     enc = encode_examples(exs, merosu.tokenizer, kind, {l: i for i, l in enumerate(labels)}, 64, resplit=False)
     train_head(model, enc, FinetuneConfig(max_steps=8, learning_rate=1e-2), 0, torch.device("cpu"))
     return model.eval()
@@ -70,7 +70,7 @@ def test_token_classification_pipeline_matches_melos(merosu, tmp_path):
                     device="cpu", ignore_labels=[])
     predicted = set()
     for text in TEXTS:
-        words = split_words(text)
+        words = merosu.tokenizer.split_words(text)
         enc = encode_examples([Example(tokens=words, tags=["O"] * len(words))], merosu.tokenizer, "ner",
                               {l: i for i, l in enumerate(labels)}, 64, resplit=False)
         ours = [labels[p] for p in predict_ids(model, enc, torch.device("cpu"))[0]]
