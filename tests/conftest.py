@@ -217,6 +217,7 @@ SLOW = {
     "test_first_hour::test_runs_lists_the_run_as_a_table_and_as_json",
     "test_first_hour::test_experiment_and_runs_are_tagged_for_the_mlflow_ui",
     "test_first_hour::test_the_wheel_carries_the_corpus_and_builds_without_warnings",
+    "test_first_hour::test_runs_lookup_order_filters_and_latest",
     "test_flow::test_flow_end_to_end_then_cached_rerun",
     "test_flow::test_flow_fails_clearly_and_marks_the_mlflow_run_failed",
     "test_flow::test_flow_against_a_real_mlflow_server_and_fill_mask_cli",
