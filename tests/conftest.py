@@ -226,16 +226,16 @@ SLOW = {
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    seen: dict[str, set[str]] = {}
+    modules = {}
     for item in items:
         module = item.module.__name__.rpartition(".")[2]
-        name = item.originalname if hasattr(item, "originalname") else item.name
-        seen.setdefault(module, set()).add(name)
+        modules[module] = item.module
+        name = getattr(item, "originalname", item.name)
         if module in SLOW or f"{module}::{name}" in SLOW or item.get_closest_marker("servers"):
             item.add_marker(pytest.mark.slow)
     stale = sorted(
         entry for entry in SLOW
-        if "::" in entry and entry.split("::")[0] in seen and entry.split("::")[1] not in seen[entry.split("::")[0]]
+        if "::" in entry and (m := modules.get(entry.split("::")[0])) is not None and not hasattr(m, entry.split("::")[1])
     )
     if stale:
         raise pytest.UsageError(f"tests/conftest.py SLOW lists tests that no longer exist: {', '.join(stale)}")
