@@ -308,7 +308,9 @@ class RuntimeConfig(_Config):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="'auto': bf16 autocast on CUDA, fp32 on CPU."
     )
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default).")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (None: every usable CPU; idle OpenMP threads sleep, see README)."
+    )
     compile: bool = Field(False, description="torch.compile the model for training.")
     prefetch: int = Field(
         2, ge=0, description="Optimizer steps of batches a background thread prepares ahead (0: none)."

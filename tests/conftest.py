@@ -217,6 +217,7 @@ SLOW = {
     "test_first_hour::test_runs_lists_the_run_as_a_table_and_as_json",
     "test_first_hour::test_experiment_and_runs_are_tagged_for_the_mlflow_ui",
     "test_first_hour::test_the_wheel_carries_the_corpus_and_builds_without_warnings",
+    "test_first_hour::test_runs_lookup_order_filters_and_latest",
     "test_flow::test_flow_end_to_end_then_cached_rerun",
     "test_flow::test_flow_fails_clearly_and_marks_the_mlflow_run_failed",
     "test_flow::test_flow_against_a_real_mlflow_server_and_fill_mask_cli",
@@ -225,16 +226,16 @@ SLOW = {
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    seen: dict[str, set[str]] = {}
+    modules = {}
     for item in items:
         module = item.module.__name__.rpartition(".")[2]
-        name = item.originalname if hasattr(item, "originalname") else item.name
-        seen.setdefault(module, set()).add(name)
+        modules[module] = item.module
+        name = getattr(item, "originalname", item.name)
         if module in SLOW or f"{module}::{name}" in SLOW or item.get_closest_marker("servers"):
             item.add_marker(pytest.mark.slow)
     stale = sorted(
         entry for entry in SLOW
-        if "::" in entry and entry.split("::")[0] in seen and entry.split("::")[1] not in seen[entry.split("::")[0]]
+        if "::" in entry and (m := modules.get(entry.split("::")[0])) is not None and not hasattr(m, entry.split("::")[1])
     )
     if stale:
         raise pytest.UsageError(f"tests/conftest.py SLOW lists tests that no longer exist: {', '.join(stale)}")
