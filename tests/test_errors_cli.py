@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,8 +123,6 @@ def test_source_failures_found_while_reading_are_user_errors_naming_the_file(tmp
                                              retry_backoff_s=5.0),
     }
     for i, (named, cfg) in enumerate(cases.items()):
-        import time
-
         t0 = time.monotonic()
         with pytest.raises(SourceError) as raised:
             download_corpus(cfg, tmp_path / f"out{i}", tmp_path / "raw")
