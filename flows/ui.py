@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-GRACE_S = 10.0
+GRACE_S = 5.0  # then SIGKILL: Ctrl-C must end `melos ui` within seconds
 START_TIMEOUT_S = 180.0
 
 
