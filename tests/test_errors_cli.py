@@ -129,6 +129,7 @@ def test_source_failures_found_while_reading_are_user_errors_naming_the_file(tmp
         assert isinstance(raised.value, UserError)
         assert named in str(raised.value) and "\n" not in str(raised.value), str(raised.value)
         assert time.monotonic() - t0 < 5, "a DNS failure was retried"  # 3 retries would sleep 5 + 10 + 20 s
+    assert "cannot resolve the host 'melos-test.invalid'" in str(raised.value)
 
 
 def _prefect_api() -> str:
