@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from mlm_core.config import DownloadConfig, EvalConfig, RuntimeConfig, TokenizeConfig, TrainConfig, VocabConfig
 
+
 def _count_or_all(text: str) -> int | None:
     """N, or 0 / 'all' for no limit (the config's None, which a command line cannot spell)."""
     if text.strip().lower() in ("all", "0", "none"):
@@ -402,7 +403,6 @@ def resolve_model_dir(run: str, dst: Path, tracking_uri: str | None = None) -> P
 
 def model_dir_from_args(ns: argparse.Namespace, dst: Path) -> Path:
     """--model URI or --run RUN -> a local Melos model directory (SystemExit on failure)."""
-
     if ns.tracking_uri:  # models:/ and runs:/ URIs are read from the store named on the command line
         os.environ["MLFLOW_TRACKING_URI"] = ns.tracking_uri
     try:
@@ -483,8 +483,9 @@ class _StoppedExit(int):
 def _exit_now(rc: int) -> None:
     """End a stopped command at once. Its runs are marked, its checkpoint written and its
     servers stopped by then; what is left is the interpreter's own shutdown, which took 5-9 s
-    after a training run (native thread pools, not Python code), past the 10 s a user waits
-    after Ctrl-C."""
+    after a training run on a loaded 2-core machine (with no Python frame running: native
+    teardown), pushing a Ctrl-C past 10 s. Only on a stop: ``main()`` called in-process
+    otherwise returns as before."""
     import logging
 
     logging.shutdown()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-GRACE_S = 10.0
+GRACE_S = 5.0  # then SIGKILL: Ctrl-C must end `melos ui` within seconds
 START_TIMEOUT_S = 180.0
 
 
@@ -108,7 +108,8 @@ def serve(store: str, host: str, port: int, prefect_port: int | None = None, exp
         print(f"MLflow UI: {store}   (the tracking server serves it)", flush=True)
     else:
         port = free_port_for("MLflow UI", host, port)
-        quiet = [] if access_log else ["--uvicorn-opts", "--no-access-log"]  # one line per request otherwise
+        # otherwise one line per request, and uvicorn's start/stop chatter around Melos's own lines
+        quiet = [] if access_log else ["--uvicorn-opts", "--no-access-log --log-level warning"]
         commands.append(("MLflow UI", [_executable("mlflow"), "ui", "--backend-store-uri", store, "--host", host,
                                        "--port", str(port), "--workers", "1", *quiet], f"http://{host}:{port}",
                          "/health"))

@@ -9,8 +9,6 @@ another process waits on it would let two processes hold "the" lock at once.
 
 from __future__ import annotations
 
-from mlm_core.errors import UserError
-
 import contextlib
 import fcntl
 import json
@@ -21,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from mlm_core.errors import UserError
 from mlm_core.io import exclusive
 
 OnBusy = Literal["wait", "fail"]

@@ -9,8 +9,6 @@ default, set explicitly so an old ``./mlruns`` folder never switches it); settin
 
 from __future__ import annotations
 
-from mlm_core.errors import UserError
-
 import json
 import os
 import shlex
@@ -21,6 +19,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from mlm_core.errors import UserError
 
 from . import stores
 

@@ -4,7 +4,6 @@ are found like run ids, and the small rough edges a first hour runs into."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pytest
 
