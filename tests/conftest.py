@@ -209,7 +209,8 @@ def merosu(tmp_path_factory) -> PreparedData:
 # its module, so the list cannot go stale silently.
 SLOW = {
     "test_compare_deployment", "test_deployment", "test_distributed", "test_kill_anywhere", "test_publish",
-    "test_side_by_side", "test_stopping", "test_stopping_compare", "test_tracking_outage",
+    "test_side_by_side", "test_stopping", "test_stopping_compare", "test_tracking_outage", "test_ctrl_c",
+    "test_finetune_cli",
     "test_cli::test_killed_run_resumes_from_its_last_checkpoint",
     "test_compare::test_compare_cli_runs_each_setting_and_seed_under_one_comparison",
     "test_evaluate_cli::test_evaluate_scores_a_run_on_another_corpus_and_links_the_runs",
