@@ -50,6 +50,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlm_core.errors import UserError
 from mlm_core.io import atomic_write_json, exclusive
 
 POOL = "melos-process"
@@ -67,7 +68,7 @@ QUIET_ENV = {
 PROJECT = Path(__file__).resolve().parents[1]  # where prefect.yaml lives in a checkout
 
 
-class StackError(RuntimeError):
+class StackError(UserError, RuntimeError):
     """A problem the user can fix; printed as one ``melos: ...`` line."""
 
 

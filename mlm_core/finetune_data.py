@@ -26,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 
 
-class TaskDataError(ValueError):
+
+class TaskDataError(UserError, ValueError):
     """Bad labelled data; the message is one line naming the file (and line) and the fix."""
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from mlm_core.errors import UserError
 from mlm_core.finetune_data import BUILTIN_TASKS, TaskDataError
 
 from . import tracking
@@ -20,7 +21,7 @@ STAGE = "finetune"  # the stage tag keeps these runs out of `melos runs` and `la
 LOGGED_MODEL_NAME = "finetuned"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """The model directory cannot be loaded; the message is one line."""
 
 
