@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
                    help="a training setting, named as its option without the dashes (mask-rate, masking, "
                    "whole-word, hidden-size, ...; --layers is num-layers) or as its TrainConfig field, and the values "
-                   "to try; repeatable: every combination is a setting")
+                   "to try; repeatable: every combination is a setting. init-from=none,SOURCE compares starting points "
+                   "(random weights, a checkpoint as --init-from takes it)")
     c.add_argument("--grid-file", metavar="YAML", help="a YAML mapping FIELD: [V1, V2, ...] (instead of or with --grid), or a YAML list of "
                         "settings tried one by one, e.g. [{}, {mask-rate: 0.3}, {whole-word: true}]")
     c.add_argument("--seeds", type=_positive_int, default=1, metavar="N",

@@ -24,15 +24,14 @@ _SHAPE = {"hidden_size": "hidden_size", "num_layers": "num_layers", "num_heads":
 
 def resolve_init(source: str, workdir: str | Path = "melos-work", tracking_uri: str | None = None) -> dict:
     """The checked record of SOURCE (see ``describe_init``); ValueError (one line) if unusable."""
-    if source.startswith("run:"):
+    if source.startswith("run:"):  # recorded as run:<its id>, so run:latest stays traceable
         ref = source.removeprefix("run:") or "latest"
-        path = _melos_run_model(ref, Path(workdir).resolve(), tracking_uri)
-    else:
-        path = resolve_source(source)
-    return describe_init(path, source)
+        path, run_id = _melos_run_model(ref, Path(workdir).resolve(), tracking_uri)
+        return describe_init(path, f"run:{run_id}")
+    return describe_init(resolve_source(source), source)
 
 
-def _melos_run_model(ref: str, workdir: Path, tracking_uri: str | None) -> Path:
+def _melos_run_model(ref: str, workdir: Path, tracking_uri: str | None) -> tuple[Path, str]:
     from flows.runs import RunNotFound, resolve_run
 
     try:
@@ -43,7 +42,7 @@ def _melos_run_model(ref: str, workdir: Path, tracking_uri: str | None) -> Path:
 
     run_id = found.info.run_id
     try:
-        return resolve_model_dir(run_id, workdir / "models" / run_id, store)
+        return resolve_model_dir(run_id, workdir / "models" / run_id, store), run_id
     except SystemExit as exc:  # its message is already one "melos: ..." line
         raise ValueError(str(exc).removeprefix("melos: ")) from None
 

@@ -25,7 +25,7 @@ from tasks.train import train_run_dir, train_stage
 from tasks.vocab import adopt_vocab_stage, adopted_key, vocab_stage
 
 
-@flow(name="pretrain", description="Pre-train a Japanese BERT masked LM from scratch and evaluate it.")
+@flow(name="pretrain", description="Pre-train a Japanese BERT masked LM (from scratch, or continuing a checkpoint) and evaluate it.")
 def pretrain(
     download: DownloadConfig = DownloadConfig(),
     tokenize: TokenizeConfig = TokenizeConfig(),

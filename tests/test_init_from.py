@@ -86,6 +86,13 @@ def test_pretrain_init_from_end_to_end(prefect_harness, sqlite_tracking, checkpo
     assert torch.allclose(unused, before, rtol=1e-3, atol=0) and not torch.equal(unused, before)
     assert not torch.equal(model.embeddings.word.weight, start.embeddings.word.weight)
 
+    # run:latest continues this run's own model (a Melos directory, its IPAdic tokenizer kept)
+    again = resolve_init("run:latest", tmp_path / "work")
+    assert again["source"] == f"run:{result['mlflow_run_id']}" and again["format"] == "melos"
+    assert again["tokenizer"]["splitter"] == "mecab:ipadic" and again["model"]["num_layers"] == 2
+    continued, _ = load_init(again["dir"])
+    assert all(torch.equal(a, b) for a, b in zip(continued.state_dict().values(), model.state_dict().values()))
+
     # export: the same tokenizer format it came in, and transformers' fill-mask agrees with Melos's
     out = export_hf(result["model_dir"], tmp_path / "export",
                     json.loads((Path(result["model_dir"]).parent / "card.json").read_text(encoding="utf-8")))
