@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlm_core.config import TokenizeConfig, TrainConfig
-from mlm_core.hf_import import describe_init, resolve_source
+from mlm_core.hf_import import CheckpointError, describe_init, resolve_source
 
 # What continued pre-training changes when the user does not say otherwise: the learning rate
 # of fine-tuning a large model (transformers' run_mlm.py default), its warm-up share, three
@@ -37,14 +37,14 @@ def _melos_run_model(ref: str, workdir: Path, tracking_uri: str | None) -> tuple
     try:
         store, found = resolve_run(ref, tracking_uri)
     except RunNotFound as exc:
-        raise ValueError(f"--init-from run:{ref}: {exc}") from None
+        raise CheckpointError(f"--init-from run:{ref}: {exc}") from None
     from flows.cli import resolve_model_dir
 
     run_id = found.info.run_id
     try:
         return resolve_model_dir(run_id, workdir / "models" / run_id, store), run_id
     except SystemExit as exc:  # its message is already one "melos: ..." line
-        raise ValueError(str(exc).removeprefix("melos: ")) from None
+        raise CheckpointError(str(exc).removeprefix("melos: ")) from None
 
 
 def finetune_train_config(train: TrainConfig, init: dict) -> TrainConfig:
@@ -55,7 +55,7 @@ def finetune_train_config(train: TrainConfig, init: dict) -> TrainConfig:
     explicit = train.model_fields_set
     for field, key in _SHAPE.items():
         if field in explicit and getattr(train, field) != model[key]:
-            raise ValueError(f"--init-from {init['source']} has {key} {model[key]}; the model's size comes from the "
+            raise CheckpointError(f"--init-from {init['source']} has {key} {model[key]}; the model's size comes from the "
                              f"checkpoint, drop the {field} option")
     update = {field: model[key] for field, key in _SHAPE.items()}
     update.update({k: v for k, v in FINETUNE_DEFAULTS.items() if k not in explicit})
@@ -63,7 +63,7 @@ def finetune_train_config(train: TrainConfig, init: dict) -> TrainConfig:
         update["dropout"] = model["dropout"]
     max_length = train.max_length if "max_length" in explicit else min(train.max_length, model["max_position_embeddings"])
     if max_length > model["max_position_embeddings"]:
-        raise ValueError(f"--max-length {max_length} exceeds the {model['max_position_embeddings']} positions of "
+        raise CheckpointError(f"--max-length {max_length} exceeds the {model['max_position_embeddings']} positions of "
                          f"{init['source']}")
     update["max_length"] = max_length
     return TrainConfig(**{**train.model_dump(), **update})

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from .errors import UserError
 from .io import fingerprint, sha256_file
 from .model import BertForMaskedLM, ModelConfig, from_hf_state_dict, model_config_from_hf
 from .tokenizer import (
@@ -39,6 +40,10 @@ _HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytor
               "README.md"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SPECIALS = {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK}
+
+
+class CheckpointError(UserError, ValueError):
+    """A starting checkpoint Melos cannot use; the message is one line naming it and the fix."""
 
 
 @dataclass
@@ -68,9 +73,9 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read {what}: {exc}") from None
+        raise CheckpointError(f"{path}: cannot read {what}: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: {what} is not a JSON object")
+        raise CheckpointError(f"{path}: {what} is not a JSON object")
     return data
 
 
@@ -86,7 +91,7 @@ def resolve_source(source: str) -> Path:
         return path.resolve()
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or path.exists()
     if looks_local or not _HUB_ID.match(source):
-        raise ValueError(f"--init-from {source}: no such directory; pass a directory written by save_pretrained, "
+        raise CheckpointError(f"--init-from {source}: no such directory; pass a directory written by save_pretrained, "
                          "a hub id such as tohoku-nlp/bert-base-japanese-v3, or run:<id>|latest")
     from huggingface_hub import snapshot_download
 
@@ -95,7 +100,7 @@ def resolve_source(source: str) -> Path:
         return Path(snapshot_download(source, allow_patterns=_HUB_FILES, local_files_only=offline))
     except Exception as exc:  # not cached (offline), unknown repo, no network
         why = "it is not in the Hugging Face cache and HF_HUB_OFFLINE is set" if offline else type(exc).__name__
-        raise ValueError(f"--init-from {source}: no such directory, and no hub model ({why}); download it once "
+        raise CheckpointError(f"--init-from {source}: no such directory, and no hub model ({why}); download it once "
                          "with the hub reachable, or pass a local directory") from None
 
 
@@ -105,16 +110,16 @@ def tokenizer_spec(path: Path, config: dict) -> dict:
     tc = _read_json(tc_path, "the tokenizer config") if tc_path.is_file() else {}
     cls = tc.get("tokenizer_class") or config.get("tokenizer_class")
     if cls is None:
-        raise ValueError(f"{path}: no tokenizer_class in tokenizer_config.json or config.json; "
+        raise CheckpointError(f"{path}: no tokenizer_class in tokenizer_config.json or config.json; "
                          f"--init-from supports {SUPPORTED}")
     if cls != "BertJapaneseTokenizer":
-        raise ValueError(f"{path}: tokenizer class {cls} is not supported; --init-from supports {SUPPORTED}")
+        raise CheckpointError(f"{path}: tokenizer class {cls} is not supported; --init-from supports {SUPPORTED}")
     subword = tc.get("subword_tokenizer_type", "wordpiece")
     if subword not in ("wordpiece", "character"):
-        raise ValueError(f"{path}: subword_tokenizer_type {subword!r} (e.g. a SentencePiece model) is not supported; "
+        raise CheckpointError(f"{path}: subword_tokenizer_type {subword!r} (e.g. a SentencePiece model) is not supported; "
                          "Melos reads wordpiece or character subwords with a vocab.txt")
     if not tc.get("do_word_tokenize", True) or not tc.get("do_subword_tokenize", True):
-        raise ValueError(f"{path}: a tokenizer without word or subword splitting is not supported")
+        raise CheckpointError(f"{path}: a tokenizer without word or subword splitting is not supported")
     kind = tc.get("word_tokenizer_type", "basic")  # BertJapaneseTokenizer's own default
     lower = bool(tc.get("do_lower_case", False))
     if kind == "mecab":
@@ -122,18 +127,18 @@ def tokenizer_spec(path: Path, config: dict) -> dict:
         dic = kwargs.pop("mecab_dic", "unidic_lite")  # transformers' MecabTokenizer default
         normalized = kwargs.pop("normalize_text", True) is True
         if dic not in MECAB_DICTIONARIES or not normalized or kwargs.pop("mecab_option", None) or kwargs:
-            raise ValueError(f"{path}: mecab_kwargs {tc.get('mecab_kwargs')} not supported; Melos reads mecab_dic "
+            raise CheckpointError(f"{path}: mecab_kwargs {tc.get('mecab_kwargs')} not supported; Melos reads mecab_dic "
                              f"{', '.join(MECAB_DICTIONARIES)} with NFKC and no other MeCab options")
         splitter = f"mecab:{dic}"
     elif kind == "basic":
         splitter = "basic"
     else:
-        raise ValueError(f"{path}: word_tokenizer_type {kind!r} is not supported; Melos reads mecab or basic")
+        raise CheckpointError(f"{path}: word_tokenizer_type {kind!r} is not supported; Melos reads mecab or basic")
     for key, expected in _SPECIALS.items():
         found = tc.get(key, expected)
         found = found.get("content") if isinstance(found, dict) else found
         if found != expected:
-            raise ValueError(f"{path}: {key} is {found!r}; Melos needs BERT's special tokens {list(_SPECIALS.values())}")
+            raise CheckpointError(f"{path}: {key} is {found!r}; Melos needs BERT's special tokens {list(_SPECIALS.values())}")
     if lower:
         splitter += ":lower"
     max_len = tc.get("model_max_length")
@@ -148,7 +153,7 @@ def _weight_files(path: Path) -> list[Path]:
                 index = _read_json(path / name, "the weight index")
                 return [path / f for f in sorted(set(index.get("weight_map", {}).values()))]
             return [path / name]
-    raise ValueError(f"{path}: no weights (model.safetensors or pytorch_model.bin)")
+    raise CheckpointError(f"{path}: no weights (model.safetensors or pytorch_model.bin)")
 
 
 def _embedding_rows(weights: list[Path]) -> int | None:
@@ -183,44 +188,44 @@ def inspect_hf_dir(path: str | Path, name: str | None = None, *, check_dictionar
     for anything Melos cannot read exactly."""
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"{path}: no such directory")
+        raise CheckpointError(f"{path}: no such directory")
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: no config.json; --init-from needs a Hugging Face model directory "
+        raise CheckpointError(f"{path}: no config.json; --init-from needs a Hugging Face model directory "
                          "(what save_pretrained writes) or a Melos run")
     config = _read_json(path / "config.json", "config.json")
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
     if model_type != "bert":
-        raise ValueError(f"{path}: model_type {model_type!r} ({', '.join(archs) or 'unknown architecture'}) is not "
+        raise CheckpointError(f"{path}: model_type {model_type!r} ({', '.join(archs) or 'unknown architecture'}) is not "
                          f"supported; --init-from supports {SUPPORTED}")
     if archs and not set(archs) & set(_ARCHITECTURES):
-        raise ValueError(f"{path}: architecture {', '.join(archs)} has no masked-LM head; --init-from supports {SUPPORTED}")
+        raise CheckpointError(f"{path}: architecture {', '.join(archs)} has no masked-LM head; --init-from supports {SUPPORTED}")
     for key, ok in (("position_embedding_type", "absolute"), ("hidden_act", "gelu")):
         if config.get(key, ok) != ok:
-            raise ValueError(f"{path}: {key} {config[key]!r} is not supported (Melos's BERT has {ok})")
+            raise CheckpointError(f"{path}: {key} {config[key]!r} is not supported (Melos's BERT has {ok})")
     if config.get("is_decoder") or config.get("add_cross_attention"):
-        raise ValueError(f"{path}: a decoder BERT is not supported; --init-from supports {SUPPORTED}")
+        raise CheckpointError(f"{path}: a decoder BERT is not supported; --init-from supports {SUPPORTED}")
     spec = tokenizer_spec(path, config)
     if check_dictionary:
         check_splitter(spec["splitter"])
     if not (path / "vocab.txt").is_file():
-        raise ValueError(f"{path}: no vocab.txt")
+        raise CheckpointError(f"{path}: no vocab.txt")
     vocab_lines = (path / "vocab.txt").read_text(encoding="utf-8").splitlines()
     if "vocab_size" not in config:
-        raise ValueError(f"{path}: config.json has no vocab_size")
+        raise CheckpointError(f"{path}: config.json has no vocab_size")
     weights = _weight_files(path)
     missing = [p.name for p in weights if not p.is_file()]
     if missing:
-        raise ValueError(f"{path}: weight file(s) {', '.join(missing)} missing")
+        raise CheckpointError(f"{path}: weight file(s) {', '.join(missing)} missing")
     rows = _embedding_rows(weights)
     for what, n in (("config.json's vocab_size", config["vocab_size"]), ("the word embedding table", rows)):
         if n is not None and n != len(vocab_lines):
-            raise ValueError(f"{path}: vocab.txt has {len(vocab_lines)} tokens but {what} has {n} rows; "
+            raise CheckpointError(f"{path}: vocab.txt has {len(vocab_lines)} tokens but {what} has {n} rows; "
                              "the tokenizer does not belong to these weights")
     try:
         model_cfg = model_config_from_hf(config)
     except ValidationError as exc:
-        raise ValueError(f"{path}: config.json does not describe a BERT Melos can build: "
+        raise CheckpointError(f"{path}: config.json does not describe a BERT Melos can build: "
                          f"{exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     return HFCheckpoint(path, model_cfg, spec, weights, card_license(path), name or path.name,
                         {"architectures": archs, "model_type": model_type})
@@ -249,13 +254,13 @@ def model_from_checkpoint(ckpt: HFCheckpoint) -> BertForMaskedLM:
     state = read_hf_state_dict(ckpt.weights)
     rows = state.get("bert.embeddings.word_embeddings.weight")
     if rows is not None and rows.shape[0] != ckpt.model.vocab_size:
-        raise ValueError(f"{ckpt.dir}: vocab.txt has {ckpt.model.vocab_size} tokens but the word embedding table has "
+        raise CheckpointError(f"{ckpt.dir}: vocab.txt has {ckpt.model.vocab_size} tokens but the word embedding table has "
                          f"{rows.shape[0]} rows; the tokenizer does not belong to these weights")
     model = BertForMaskedLM(ckpt.model)
     ours = from_hf_state_dict(state, ckpt.model)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=False)
     if unexpected or [k for k in missing if k != "head.decoder.weight"]:
-        raise ValueError(f"{ckpt.dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(f"{ckpt.dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model
 
 
