@@ -71,6 +71,10 @@ class ResumeError(UserError, FileNotFoundError):
     """``resume`` asked for, but no checkpoint of this run to continue from."""
 
 
+class ResumeSettingsError(UserError, ValueError):
+    """``resume`` asked for, but the checkpoint found was trained with other data or settings."""
+
+
 class TrainingStopped(KeyboardInterrupt):
     """Training stopped at ``step`` because the callback asked; its checkpoint is on disk."""
 
@@ -299,7 +303,7 @@ def train_model(
                               "give the interrupted run's settings, or run without --resume")
         found = read_meta(ckpt).get("fingerprint")
         if found != key:
-            raise ResumeError(
+            raise ResumeSettingsError(
                 f"--resume: checkpoint {ckpt} was trained with other data or settings (fingerprint {found}, "
                 f"these settings give {key}); resume with the settings of that run or start a fresh one"
             )
