@@ -141,8 +141,8 @@ def _command(sub, name: str, summary: str, description: str, examples: list[str]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="melos",
-        description="Pre-train a Japanese BERT masked language model from scratch, orchestrated by "
-        "Prefect and tracked in MLflow.",
+        description="Pre-train a Japanese BERT masked language model from scratch or from a published "
+        "checkpoint, and fine-tune it, orchestrated by Prefect and tracked in MLflow.",
         epilog="examples:\n"
         "  melos pretrain                                  # train on the embedded 走れメロス corpus\n"
         "  melos runs                                      # list runs with their held-out scores\n"
