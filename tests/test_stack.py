@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -175,6 +176,7 @@ def team_stack():
         for port in ports.values():
             with socket.socket() as s:
                 assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers after down"
+        shutil.rmtree(root, ignore_errors=True)
 
 
 
