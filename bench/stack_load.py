@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -162,6 +163,8 @@ def main() -> int:
     finally:
         if not ns.keep:
             melos("stack", "down", "--dir", str(d))
+            shutil.rmtree(base, ignore_errors=True)
+            result["dir"] = "(removed)"
     print(json.dumps(result, indent=2))
     return 0
 

@@ -150,17 +150,23 @@ def _signal(rec: dict, sig: int, group: bool) -> None:
             os.kill(rec["pid"], sig)
 
 
-def stop(rec: dict, first: int = signal.SIGTERM, group: bool = True, grace: float = STOP_GRACE_S) -> bool:
-    """Stop one recorded process (its process group when ``group``): ``first``, then SIGKILL
-    after ``grace``. Returns False when it was not running (nothing signalled)."""
+def stop(rec: dict, first: int = signal.SIGTERM, group: bool = True, grace: float = STOP_GRACE_S,
+         again_after: float | None = None) -> bool:
+    """Stop one recorded process (its process group when ``group``): ``first`` (sent a second
+    time after ``again_after`` seconds if given), then SIGKILL after ``grace``. Returns False
+    when it was not running (nothing signalled)."""
     if not alive(rec):
         return False
     _signal(rec, first, group)
-    deadline = time.monotonic() + grace
+    began = time.monotonic()
+    deadline = began + grace
     while time.monotonic() < deadline:
         _reap(rec["pid"])
         if not alive(rec):
             break
+        if again_after is not None and time.monotonic() - began > again_after:
+            _signal(rec, first, group)
+            again_after = None
         time.sleep(0.1)
     else:
         _signal(rec, signal.SIGKILL, group)
@@ -557,7 +563,8 @@ def up(root: Path, host: str = "127.0.0.1", ports: dict | None = None, workers: 
             procs["postgres"] = _start_postgres(state, layout, bindir, account)
             save()
         create_databases(state, layout)
-        if not alive(procs.get("prefect")):
+        fresh_prefect = not alive(procs.get("prefect"))
+        if fresh_prefect:
             log(f"starting the Prefect server on {urls(state)['prefect_ui']} ...")
             procs["prefect"] = _start_prefect(state, layout)
             save()
@@ -575,8 +582,10 @@ def up(root: Path, host: str = "127.0.0.1", ports: dict | None = None, workers: 
                 save()
         for name in [n for n in procs if n.startswith("worker-") and n not in wanted]:
             stop(procs.pop(name))  # fewer workers asked for than are running
-        log(f"applying the deployments and waiting for {workers} worker(s) ...")
-        state["deployments"] = deploy(state, layout)
+        if fresh_prefect or not state.get("deployments"):
+            log("applying the deployments ...")
+            state["deployments"] = deploy(state, layout)
+        log(f"waiting for {workers} worker(s) ...")
         _wait("the worker(s)", lambda: _workers_online(state, names), procs["worker-1"])
         state["up_seconds"] = round(time.monotonic() - began, 1)
         state["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -600,8 +609,12 @@ def down(root: Path, log=print) -> list[str]:
             if rec is None:
                 continue
             # PostgreSQL: SIGINT is its "fast" shutdown (rolls back open transactions, checkpoints, exits);
-            # its children are its own business, so signal the postmaster only.
-            if stop(rec, *((signal.SIGINT, False, 60.0) if name == "postgres" else ())):
+            # its children are its own business, so signal the postmaster only. A Prefect worker
+            # takes the first SIGTERM as "take no new runs" and stays up; the second ends it
+            # (with the flow runs it started: they show as crashed and continue with --resume).
+            how = {"postgres": {"first": signal.SIGINT, "group": False, "grace": 60.0}}.get(
+                name, {"again_after": 2.0} if name.startswith("worker-") else {})
+            if stop(rec, **how):
                 stopped.append(name)
                 log(f"stopped {name} (pid {rec['pid']})")
             procs.pop(name)

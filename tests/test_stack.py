@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,9 +48,9 @@ def test_missing_postgresql_binaries_is_one_line_naming_the_package(tmp_path):
 def test_missing_drivers_is_one_line_naming_the_extra(tmp_path):
     code = ("import sys; sys.modules['asyncpg'] = None; from flows.cli import main; "
             f"sys.exit(main(['stack', 'up', '--dir', {str(tmp_path / 's')!r}]))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     if not list(Path("/").glob("usr/lib/postgresql/*/bin/initdb")):
         pytest.skip("PostgreSQL is not installed: the binaries are checked first")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and out.stderr.count("\n") == 1
     assert "asyncpg" in out.stderr and "pip install 'melos[team]'" in out.stderr
     assert not (tmp_path / "s").exists()  # nothing half-made
@@ -175,6 +176,7 @@ def team_stack():
         for port in ports.values():
             with socket.socket() as s:
                 assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers after down"
+        shutil.rmtree(root, ignore_errors=True)
 
 
 
@@ -405,3 +407,26 @@ def test_a_worker_killed_mid_run_leaves_a_crashed_run_that_resume_completes(team
     # `up` brings the lost worker back
     assert _melos("stack", "up", "--dir", str(team_stack["dir"]), timeout=400).returncode == 0
     assert stack.alive(json.loads((team_stack["dir"] / "stack.json").read_text())["processes"][lost])
+
+
+@pytest.mark.servers
+def test_postgresql_restarted_mid_run_ends_finished_or_failed_and_resumable(team_stack, tmp_path):
+    """PostgreSQL (under both servers) stopped while a run trains, started again by `melos
+    stack up`: the run ends, COMPLETED or FAILED/CRASHED with a one-line reason, and if not
+    completed, the same parameters with resume=true complete it."""
+    api = team_stack["exports"]["PREFECT_API_URL"]
+    flow_run_id, marker = _paused_run(api, tmp_path, "db-restart", at="checkpoint#2")
+    procs = json.loads((team_stack["dir"] / "stack.json").read_text())["processes"]
+    assert stack.stop(procs["postgres"], signal.SIGINT, group=False, grace=60)
+    marker.unlink()  # training writes its last checkpoint and goes on to evaluation without a database
+    time.sleep(5)
+    again = _melos("stack", "up", "--dir", str(team_stack["dir"]), timeout=400)
+    assert again.returncode == 0, again.stderr
+    [run] = wait_terminal(api, [flow_run_id], timeout=600)
+    print(f"\nrun across the database restart: {run['state']['type']}: {run['state'].get('message')}")
+    if run["state"]["type"] != "COMPLETED":
+        assert run["state"]["type"] in ("FAILED", "CRASHED")
+        assert run["state"]["message"] and "\n" not in run["state"]["message"].strip()
+        [resumed] = submit(api, "pretrain/melos-nightly", [{**run["parameters"], "resume": True}])
+        [done] = wait_terminal(api, [resumed], timeout=400)
+        assert done["state"]["type"] == "COMPLETED", done["state"]
