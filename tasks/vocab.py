@@ -26,12 +26,7 @@ def vocab_stage(shards: dict, cfg: VocabConfig, workdir: str, parent_run_id: str
     with stage_run(parent_run_id, "vocab") as run:
         run.log_params(cfg.model_dump(), "vocab")
         manifest = build_vocab(shards_dir, read_json(shards_dir / MANIFEST), out, cfg)
-        metrics = {f"vocab/{k}": v for k, v in manifest["counts"].items()}
-        for split, cov in manifest["coverage"].items():
-            metrics.update({f"vocab/{split}_{k}": v for k, v in cov.items()})
-        run.log_metrics(metrics)
-        run.log_artifact(out / VOCAB_FILE)
-        run.log_artifact(out / MANIFEST)
+        _log_vocab(run, out, manifest)
     return record("vocab", out, key, manifest, run.run_id)
 
 
@@ -54,10 +49,15 @@ def adopt_vocab_stage(shards: dict, init: dict, workdir: str, parent_run_id: str
     with stage_run(parent_run_id, "vocab", {"melos.adopted_from": init["source"]}) as run:
         run.log_params({"adopted_from": init["source"], **init["tokenizer"]}, "vocab")
         manifest = adopt_vocab(shards_dir, read_json(shards_dir / MANIFEST), out, tokenizer, init["source"])
-        metrics = {f"vocab/{k}": v for k, v in manifest["counts"].items()}
-        for split, cov in manifest["coverage"].items():
-            metrics.update({f"vocab/{split}_{k}": v for k, v in cov.items()})
-        run.log_metrics(metrics)
-        run.log_artifact(out / VOCAB_FILE)
-        run.log_artifact(out / MANIFEST)
+        _log_vocab(run, out, manifest)
     return record("vocab", out, key, manifest, run.run_id)
+
+
+def _log_vocab(run, out: Path, manifest: dict) -> None:
+    """Counts, per-split coverage and the files of a vocab stage, built or adopted."""
+    metrics = {f"vocab/{k}": v for k, v in manifest["counts"].items()}
+    for split, cov in manifest["coverage"].items():
+        metrics.update({f"vocab/{split}_{k}": v for k, v in cov.items()})
+    run.log_metrics(metrics)
+    run.log_artifact(out / VOCAB_FILE)
+    run.log_artifact(out / MANIFEST)
