@@ -559,6 +559,14 @@ def cmd_pretrain(ns: argparse.Namespace) -> int:
     print(f"MLflow run:  {result['mlflow_run_id']}")
     print(f"model:       {result['model_dir']}")
     print(f"report:      {result['report']}")
+    if result.get("profile"):
+        print(f"profile:     {result['profile']['why']}")
+    t = result.get("train") or {}
+    if t.get("train/budget_used") is not None:
+        budget_s = t["budget_minutes"] * 60
+        print(f"budget:      {t['budget_minutes']:g} min bought {t['train/steps']:.0f} steps, "
+              f"{t['train/tokens_seen'] / 1e6:.2f}M tokens; {t['train/step_seconds']:.0f} s of its {budget_s:.0f} s "
+              f"({t['train/step_seconds'] / budget_s:.0%}) went to steps (data stages and evaluation are outside it)")
     if result.get("initial_metrics"):
         from tasks.evaluate import before_after
 

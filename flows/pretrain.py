@@ -72,10 +72,20 @@ def pretrain(
         tokenize, train = init_tokenize_config(tokenize, init), with_checkpoint_shape(train, init)
         logger.info("continuing %s (%s, %s words, %s subwords)", init_from, init["dir"], init["tokenizer"]["splitter"],
                     init["tokenizer"]["subword"])
+    profile = None
+    if init is None and train.budget_minutes:  # what the user left unset comes from the budget's profile
+        from mlm_core.profiles import apply_profile
+        from mlm_core.train import device_compute
+
+        train, vocab, profile = apply_profile(train, vocab, *device_compute(runtime))
+        logger.info("%s; set from it: %s", profile.describe(),
+                    ", ".join(f"{k}={v}" for k, v in profile.applied.items()) or "nothing")
     parent = tracking.start_parent(
         experiment,
         run_name=flow_run.name or "pretrain",
-        tags={tracking.TAG_FLOW_RUN: str(flow_run.id), tracking.TAG_FLOW_RUN_NAME: flow_run.name or ""},
+        tags={tracking.TAG_FLOW_RUN: str(flow_run.id), tracking.TAG_FLOW_RUN_NAME: flow_run.name or "",
+              **({tracking.TAG_PROFILE: profile.profile.name, tracking.TAG_PROFILE_WHY: profile.describe()}
+                 if profile else {})},
     )
     logger.info("MLflow run %s (tracking URI %s)", parent, tracking.tracking_uri())
     configs = {"download": download, "tokenize": tokenize, "vocab": vocab, "train": train, "evaluate": evaluate,
@@ -113,6 +123,10 @@ def pretrain(
                 trained = train_stage(
                     shards=shards, vocab=vocabulary, cfg=train, runtime=runtime, resume=resume, init=init, **common
                 )
+                # what the steps bought, on the run `melos runs` and the MLflow UI's run list show
+                tracking.StageRun(parent).log_metrics(
+                    {k: v for k, v in trained["metrics"].items()
+                     if k in ("train/steps", "train/tokens_seen", "train/budget_used", "train/step_seconds")})
                 report = evaluate_stage(
                     shards=shards, vocab=vocabulary, trained=trained, cfg=evaluate, runtime=runtime,
                     initial=initial, init=init, **common
@@ -141,6 +155,9 @@ def pretrain(
         "model_uri": published["model_uri"],
         "registered": published.get("registered"),
         "stages": {r["stage"]: r["mlflow_run_id"] for r in (documents, shards, vocabulary, trained, report)},
+        "train": {**trained["metrics"], "budget_minutes": train.budget_minutes},
+        "profile": {"name": profile.profile.name, "why": profile.describe(), "applied": profile.applied}
+        if profile else None,
     }
 
 

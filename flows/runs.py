@@ -169,6 +169,9 @@ def run_row(run, experiment: str, store: str) -> dict:
         "unigram_top1": m.get("eval/unigram_top1_accuracy"),
         "unigram_top5": m.get("eval/unigram_top5_accuracy"),
         "init_from": p.get("init_from"),
+        "budget_minutes": _float(p.get("train.budget_minutes")),
+        "profile": run.data.tags.get(tracking.TAG_PROFILE),
+        "tokens_seen": m.get("train/tokens_seen"),
         "initial_top1": m.get("eval/initial_top1_accuracy"),
         "initial_top5": m.get("eval/initial_top5_accuracy"),
     }
@@ -195,7 +198,7 @@ def _rate_text(rate: float | str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["RUN ID", "NAME", "STARTED", "STATUS", "CORPUS", "MODEL", "MASKING", "TOP-1 (UNIGRAM)",
+    header = ["RUN ID", "NAME", "STARTED", "STATUS", "CORPUS", "MODEL", "MASKING", "BUDGET", "TOP-1 (UNIGRAM)",
               "TOP-5 (UNIGRAM)", "WALL"]
     lines = [header] + [
         [
@@ -203,6 +206,7 @@ def format_table(rows: list[dict]) -> str:
             (f"{r['layers']}L x {r['hidden_size']}" if r["layers"] and r["hidden_size"] else "-")
             + (f" from {r['init_from']}" if r.get("init_from") else ""),
             f"{r['masking']} {_rate_text(r['mask_rate'])}" if r["masking"] and r["mask_rate"] is not None else "-",
+            _budget(r),
             _vs(r["top1"], r["unigram_top1"], r.get("initial_top1")),
             _vs(r["top5"], r["unigram_top5"], r.get("initial_top5")), _duration(r["wall_s"]),
         ]
@@ -210,6 +214,16 @@ def format_table(rows: list[dict]) -> str:
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _budget(r: dict) -> str:
+    """``10 min, cpu-10min, 10.6M tokens``: a --budget-minutes run's budget, profile and what it bought."""
+    if not r.get("budget_minutes"):
+        return "-"
+    parts = [f"{r['budget_minutes']:g} min"] + ([r["profile"]] if r.get("profile") else [])
+    if r.get("tokens_seen"):
+        parts.append(f"{r['tokens_seen'] / 1e6:.1f}M tokens")
+    return ", ".join(parts)
 
 
 def _vs(value: float | None, baseline: float | None, initial: float | None = None) -> str:

@@ -197,7 +197,9 @@ class TrainConfig(_Config):
         None,
         gt=0,
         description="Train for this many minutes of wall-clock time instead of --epochs/--max-steps; "
-        "warm-up and decay follow the elapsed share of the budget.",
+        "warm-up and decay follow the elapsed share of the budget. From scratch, every model, optimisation and "
+        "vocabulary setting you do not give comes from the budget profile for this budget and device "
+        "(mlm_core/profiles.py, chosen by measured sweeps); what you give wins.",
     )
     learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")

@@ -94,6 +94,8 @@ class TrainResult:
     tokens_seen: int
     seconds: float
     history: list[list[float]] = field(repr=False, default_factory=list)
+    step_seconds: float = 0.0  # inside optimiser steps (batch in hand -> weights updated), resumes included
+    budget_used: float | None = None  # share of --budget-minutes spent, when there is one
 
 
 def model_config_for(cfg: TrainConfig, vocab_size: int, pad_token_id: int) -> ModelConfig:
@@ -218,6 +220,19 @@ def peak_flops(device: torch.device, runtime: RuntimeConfig) -> float:
     return torch.get_num_threads() * 80e9
 
 
+def device_compute(runtime: RuntimeConfig) -> tuple[float, str]:
+    """(peak FLOP/s of every process a run will use, "cpu" or "gpu"), known before training
+    starts: what a budget profile is chosen by (``mlm_core.profiles``)."""
+    device, _ = resolve_device(runtime)
+    processes = runtime.nproc_per_node * runtime.nnodes
+    if device.type == "cuda":
+        return peak_flops(device, runtime) * processes, "gpu"
+    if runtime.peak_tflops:
+        return runtime.peak_tflops * 1e12 * processes, "cpu"
+    threads = runtime.num_threads * processes if runtime.num_threads else usable_cpus() * runtime.nnodes
+    return threads * 80e9, "cpu"
+
+
 def tokens_per_batch_for(cfg: TrainConfig, corpus: EncodedCorpus) -> int:
     """The micro-batch token budget: the setting, or batch_size x the mean sequence length."""
     if cfg.tokens_per_batch is not None:
@@ -292,7 +307,7 @@ def train_model(
         meta["init_from"] = {k: init.get(k) for k in ("source", "name", "format", "license", "fingerprint")}
 
     checkpoints_dir = run_dir / "checkpoints"
-    start_step, history, resumed_from, elapsed0 = 0, [], None, 0.0
+    start_step, history, resumed_from, elapsed0, tokens0, step_s0 = 0, [], None, 0.0, 0, 0.0
     if resume:
         if main:
             remove_partial(checkpoints_dir)
@@ -310,6 +325,7 @@ def train_model(
         state = load_training_state(ckpt, model, optimizer, None, device)
         start_step, history, resumed_from = int(state["step"]), [list(h) for h in state["history"]], int(state["step"])
         elapsed0 = float(state.get("elapsed_s", 0.0))
+        tokens0, step_s0 = int(state.get("tokens_seen", 0)), float(state.get("step_s", 0.0))
         callback.on_history([list(h) for h in history])
     elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -358,12 +374,14 @@ def train_model(
 
     model.train()
     started = time.perf_counter()
-    tokens_seen, done = 0, start_step
+    tokens_seen, done, step_s = tokens0, start_step, step_s0
+    elapsed_now = elapsed0
     loss_value = float("nan")
     last_ckpt = latest_checkpoint(checkpoints_dir) if resume else None
     t_prev = started
     try:
         for sb in loader:
+            t_step = time.perf_counter()
             flops = sum(step_model_flops(b, encoder_params, model_cfg.num_layers, model_cfg.hidden_size, len(tokenizer))
                         for b in sb.micro)
             # one all-reduce per step: counts for the loss normaliser and the metrics, and rank 0's
@@ -397,6 +415,7 @@ def train_model(
             loss_value = distributed.all_sum([float(loss_sum)], device, dist_info)[0] / max(n_masked, 1.0)
             now = time.perf_counter()
             dt, t_prev = now - t_prev, now
+            step_s += now - t_step
             tokens_seen += int(n_tokens)
             done = sb.step + 1
             history.append([done, loss_value, lr])
@@ -417,6 +436,7 @@ def train_model(
                         "train/mfu": flops / dt / peak if dt > 0 else 0.0,
                         "train/masked_tokens": int(n_masked),
                         "train/epoch": sb.epoch,
+                        "train/tokens_seen": tokens_seen,
                         **({"train/budget_used": min(1.0, elapsed_now / budget_s)} if budget_s else {}),
                     },
                 )
@@ -425,7 +445,7 @@ def train_model(
             if saved or stop:
                 last_ckpt = save_checkpoint(
                     checkpoints_dir, done, model, tokenizer, optimizer, None, history, meta, cfg.keep_checkpoints,
-                    extra={"elapsed_s": elapsed_now},
+                    extra={"elapsed_s": elapsed_now, "tokens_seen": tokens_seen, "step_s": step_s},
                 )
                 callback.on_checkpoint(done, last_ckpt)
             if stop:
@@ -458,4 +478,6 @@ def train_model(
         tokens_seen=tokens_seen,
         seconds=seconds,
         history=history,
+        step_seconds=step_s,
+        budget_used=min(1.0, elapsed_now / budget_s) if budget_s else None,
     )

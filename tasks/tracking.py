@@ -30,6 +30,8 @@ TAG_FLOW_RUN_NAME = "prefect.flow_run_name"
 TAG_STAGE = "melos.stage"
 TAG_CACHED = "melos.cached"
 TAG_TAKEN_OVER_BY = "melos.taken_over_by"
+TAG_PROFILE = "melos.profile"  # the budget profile a --budget-minutes run took its settings from
+TAG_PROFILE_WHY = "melos.profile_reason"
 # MLflow 3's experiment kind: its UI opens such an experiment on the runs table and charts
 # rather than on the GenAI overview of traces.
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"

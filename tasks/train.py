@@ -248,6 +248,8 @@ def train_stage(
             "train/seconds": result.seconds,
             "train/tokens_seen": result.tokens_seen,
             "train/mean_tokens_per_s": result.tokens_seen / result.seconds if result.seconds else 0.0,
+            "train/step_seconds": result.step_seconds,
+            **({"train/budget_used": result.budget_used} if result.budget_used is not None else {}),
         }
         run.log_metrics(summary, step=result.steps)
         if result.resumed_from_step is not None:

@@ -53,6 +53,7 @@ def main(argv: list[str]) -> int:
                 {"model_dir": str(result.model_dir), "last_checkpoint": str(result.last_checkpoint),
                  "steps": result.steps, "resumed_from_step": result.resumed_from_step,
                  "final_loss": result.final_loss, "tokens_seen": result.tokens_seen, "seconds": result.seconds,
+                 "step_seconds": result.step_seconds, "budget_used": result.budget_used,
                  "history": result.history, "processes": info.world},
             )
         if run is not None:

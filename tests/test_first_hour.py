@@ -34,7 +34,8 @@ def melos(args: list[str], cwd: Path, env: dict, timeout: int = 300) -> subproce
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny `melos pretrain` in its own directory, with the default store (./mlflow.db)
-    and its own record of remembered stores."""
+    and its own record of remembered stores; a budget run, so what it left unset comes from a
+    budget profile (its shape and mask rate are given, and win)."""
     root = tmp_path_factory.mktemp("first-hour")
     project, elsewhere = root / "project", root / "elsewhere"
     project.mkdir()
@@ -42,7 +43,8 @@ def trained(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["MELOS_CONFIG_DIR"] = str(root / "config")
     env["PREFECT_LOGGING_TO_API_ENABLED"] = "true"  # as a user's run: logs go to the Prefect server too
-    out = melos(["pretrain", *TINY, "--json"], project, env, timeout=600)
+    out = melos(["pretrain", *TINY, "--budget-minutes", "0.05", "--mask-rate", "0.15", "--json"], project, env,
+                timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     # every queued log line reached the temporary server before it was stopped
     assert "Error logging to API" not in out.stderr, out.stderr[-2000:]
@@ -84,7 +86,9 @@ def test_runs_lists_the_run_as_a_table_and_as_json(trained):
     header, row = table.stdout.strip().splitlines()
     assert header.split()[:2] == ["RUN", "ID"] and "TOP-1 (UNIGRAM)" in header
     assert row.startswith(result["mlflow_run_id"])
-    for cell in ("FINISHED", "embedded", "1L x 32", "dynamic 15%", f"{result['metrics']['eval/top1_accuracy']:.3f}"):
+    tokens = result["train"]["train/tokens_seen"]
+    for cell in ("FINISHED", "embedded", "1L x 32", "dynamic 15%", f"{result['metrics']['eval/top1_accuracy']:.3f}",
+                 f"0.05 min, cpu-2.5min, {tokens / 1e6:.1f}M tokens"):
         assert cell in row
 
     out = melos(["runs", "--json", "--experiment", "melos-first-hour", "--status", "finished"], elsewhere, trained["env"])
@@ -94,7 +98,34 @@ def test_runs_lists_the_run_as_a_table_and_as_json(trained):
     assert run["top1"] == pytest.approx(result["metrics"]["eval/top1_accuracy"])
     assert run["unigram_top5"] == pytest.approx(result["metrics"]["eval/unigram_top5_accuracy"])
     assert (run["layers"], run["hidden_size"], run["masking"], run["corpus"]) == (1, 32, "dynamic", ["embedded"])
+    assert (run["budget_minutes"], run["profile"], run["tokens_seen"]) == (0.05, "cpu-2.5min", tokens)
     assert run["wall_s"] > 0
+
+
+def test_a_budget_run_takes_what_it_was_not_given_from_its_profile(trained):
+    from mlflow.tracking import MlflowClient
+
+    from mlm_core.profiles import PROFILES
+
+    [profile] = [p for p in PROFILES if p.name == "cpu-2.5min"]
+    client = MlflowClient(_store(trained))
+    result = trained["result"]
+    parent = client.get_run(result["mlflow_run_id"]).data
+    assert parent.tags["melos.profile"] == "cpu-2.5min"
+    assert "yours kept: hidden_size, num_layers, num_heads, intermediate_size, max_length, mask_rate" \
+        in parent.tags["melos.profile_reason"]
+    params = client.get_run(result["stages"]["train"]).data.params
+    for field in ("dropout", "learning_rate", "tokens_per_batch", "warmup_ratio"):  # not given: the profile's
+        assert float(params[f"train.{field}"]) == profile.train[field], field
+    given = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_length": 64,
+             "mask_rate": 0.15, "max_steps": 5}
+    for field, value in given.items():  # given: as given
+        assert float(params[f"train.{field}"]) == value, field
+    assert int(client.get_run(result["stages"]["vocab"]).data.params["vocab.vocab_size"]) == profile.vocab_size
+    # what the budget bought, on the parent run that the MLflow UI's run list shows
+    assert parent.metrics["train/tokens_seen"] == result["train"]["train/tokens_seen"] > 0
+    assert 0 < parent.metrics["train/budget_used"] <= 1.0
+    assert 0 < parent.metrics["train/step_seconds"] <= 0.05 * 60 * 1.5
 
 
 def test_experiment_and_runs_are_tagged_for_the_mlflow_ui(trained):
