@@ -275,6 +275,17 @@ class BertForMaskedLM(nn.Module):
 # ----------------------------------------------------------------------------- export
 
 
+# Inside one encoder layer, every tensor but the fused q/k/v: (our name, transformers' BertLayer name),
+# each with ".weight" and ".bias"; to_hf_state_dict and from_hf_state_dict read the same table.
+LAYER_NAMES = (
+    ("attn.proj.", "attention.output.dense."),
+    ("attn_ln.", "attention.output.LayerNorm."),
+    ("mlp.fc.", "intermediate.dense."),
+    ("mlp.proj.", "output.dense."),
+    ("mlp_ln.", "output.LayerNorm."),
+)
+
+
 def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Rename (and split the fused q/k/v of) a BertForMaskedLM state_dict to HF's names.
 
@@ -308,11 +319,8 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig
             out[hf + "attention.self.query." + kind] = q.clone()
             out[hf + "attention.self.key." + kind] = k.clone()
             out[hf + "attention.self.value." + kind] = v.clone()
-            out[hf + "attention.output.dense." + kind] = take(ours + "attn.proj." + kind)
-            out[hf + "attention.output.LayerNorm." + kind] = take(ours + "attn_ln." + kind)
-            out[hf + "intermediate.dense." + kind] = take(ours + "mlp.fc." + kind)
-            out[hf + "output.dense." + kind] = take(ours + "mlp.proj." + kind)
-            out[hf + "output.LayerNorm." + kind] = take(ours + "mlp_ln." + kind)
+            for mine, theirs in LAYER_NAMES:
+                out[hf + theirs + kind] = take(ours + mine + kind)
 
     cls = "cls.predictions."
     for kind in ("weight", "bias"):
@@ -368,11 +376,8 @@ def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor], config: ModelConfig
             out[ours + "attn.qkv." + kind] = torch.cat(
                 [take(hf + f"attention.self.{name}." + kind) for name in ("query", "key", "value")], dim=0
             )
-            out[ours + "attn.proj." + kind] = take(hf + "attention.output.dense." + kind)
-            out[ours + "attn_ln." + kind] = take(hf + "attention.output.LayerNorm." + kind)
-            out[ours + "mlp.fc." + kind] = take(hf + "intermediate.dense." + kind)
-            out[ours + "mlp.proj." + kind] = take(hf + "output.dense." + kind)
-            out[ours + "mlp_ln." + kind] = take(hf + "output.LayerNorm." + kind)
+            for mine, theirs in LAYER_NAMES:
+                out[ours + mine + kind] = take(hf + theirs + kind)
     cls = "cls.predictions."
     for kind in ("weight", "bias"):
         out["head.dense." + kind] = take(cls + "transform.dense." + kind)

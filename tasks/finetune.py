@@ -98,25 +98,33 @@ def table_rows(result: dict) -> list[dict]:
     return rows
 
 
+def _setup(model_dir: str, cfg: dict, runtime):
+    """Threads, device and autocast from ``runtime``; the model's encoder and tokenizer; the settings."""
+    import torch
+
+    from mlm_core.finetune import FinetuneConfig
+    from mlm_core.train import resolve_device
+
+    if runtime.num_threads:
+        torch.set_num_threads(runtime.num_threads)
+    device, amp = resolve_device(runtime)
+    encoder, tokenizer = load_encoder(model_dir, device)
+    return device, amp, encoder, tokenizer, FinetuneConfig(**cfg, compile=runtime.compile)
+
+
 @task(name="finetune", cache_policy=NO_CACHE, persist_result=False)
 def finetune_task(
     model_dir: str, task_ref: str, out_dir: str, parent_run_id: str, cfg: dict, runtime, task_type: str | None = None,
     dev: str | None = None, test: str | None = None, corpus: str | None = None, doc_ids: list[str] | None = None,
     columns: dict | None = None, model_run_id: str | None = None,
 ) -> dict:
-    import torch
     from prefect.artifacts import create_table_artifact
 
-    from mlm_core.finetune import FinetuneConfig, finetune, save_finetuned
+    from mlm_core.finetune import finetune, save_finetuned
     from mlm_core.io import atomic_write_json
-    from mlm_core.train import resolve_device
 
     logger = get_run_logger()
-    if runtime.num_threads:
-        torch.set_num_threads(runtime.num_threads)
-    device, amp = resolve_device(runtime)
-    encoder, tokenizer = load_encoder(model_dir, device)
-    settings = FinetuneConfig(**cfg, compile=runtime.compile)
+    device, amp, encoder, tokenizer, settings = _setup(model_dir, cfg, runtime)
     data = load_task(task_ref, task_type, dev, test, corpus, model_dir, set(doc_ids) if doc_ids else None,
                      settings.seed, columns)
     name = task_name(task_ref)
@@ -185,17 +193,10 @@ def downstream_task(model_dir: str, task_ref: str, corpus: str | None, cfg: dict
     """Fine-tune one model on one task for ``melos compare --downstream`` and log
     ``finetune/<task>/f1`` and ``.../accuracy`` to ``run_id``. ``control``: the same architecture
     from random weights instead (the comparison's control row)."""
-    import torch
-
-    from mlm_core.finetune import FinetuneConfig, finetune
-    from mlm_core.train import resolve_device
+    from mlm_core.finetune import finetune
 
     logger = get_run_logger()
-    if runtime.num_threads:
-        torch.set_num_threads(runtime.num_threads)
-    device, amp = resolve_device(runtime)
-    encoder, tokenizer = load_encoder(model_dir, device)
-    settings = FinetuneConfig(**cfg, compile=runtime.compile)
+    device, amp, encoder, tokenizer, settings = _setup(model_dir, cfg, runtime)
     data = load_task(task_ref, None, None, None, corpus, model_dir, None, settings.seed)
     result = finetune(encoder, tokenizer, data, settings, device, amp, log=logger.info,
                       inits=["random"] if control else ["pretrained"])
