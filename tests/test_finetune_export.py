@@ -33,14 +33,20 @@ def _trained(merosu, kind: str, labels: list[str]):
     return model.eval()
 
 
+def _load_exactly(cls, out):
+    """transformers' class on the export, every weight matched: none missing, unexpected or mis-shaped."""
+    hf, info = cls.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    return hf
+
+
 def test_sequence_classification_pipeline_matches_melos(merosu, tmp_path):
     from transformers import BertForSequenceClassification, BertJapaneseTokenizer, pipeline
 
     labels = ["negative", "neutral", "positive"]
     model = _trained(merosu, "classification", labels)
     out = export_finetuned_hf(model, merosu.tokenizer, labels, tmp_path / "cls")
-    hf, info = BertForSequenceClassification.from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    hf = _load_exactly(BertForSequenceClassification, out)
     assert hf.config.id2label == dict(enumerate(labels))
     pipe = pipeline("text-classification", model=hf, tokenizer=BertJapaneseTokenizer.from_pretrained(out), device="cpu")
     enc = encode_examples([Example(label=labels[0], text=t) for t in TEXTS], merosu.tokenizer, "classification",
@@ -64,8 +70,7 @@ def test_token_classification_pipeline_matches_melos(merosu, tmp_path):
     labels = ["O", "B-X", "I-X"]
     model = _trained(merosu, "ner", labels)
     out = export_finetuned_hf(model, merosu.tokenizer, labels, tmp_path / "tok")
-    hf, info = BertForTokenClassification.from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    hf = _load_exactly(BertForTokenClassification, out)
     pipe = pipeline("token-classification", model=hf, tokenizer=BertJapaneseTokenizer.from_pretrained(out),
                     device="cpu", ignore_labels=[])
     predicted = set()
