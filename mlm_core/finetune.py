@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import statistics
 import time
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from .checkpoint import CONFIG, MODEL, VOCAB
 from .finetune_data import UNSEEN, Example, TaskData
 from .finetune_metrics import accuracy, entity_scores, macro_f1
-from .io import atomic_dir, read_json
+from .io import atomic_dir, atomic_path, atomic_write_json, fingerprint, read_json
 from .model import IGNORE_INDEX, BertForMaskedLM, ModelConfig
 from .packing import TokenBatchPlan, block_diagonal_mask, pack_rows
 from .schedule import lr_factor
@@ -410,12 +411,17 @@ def finetune(
     encoder: BertForMaskedLM, tokenizer: WordPieceTokenizer, data: TaskData, cfg: FinetuneConfig,
     device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None, *, resplit: bool = True,
     log: Callable[[str], None] | None = None, on_step: Callable[[str, int, int, float], None] | None = None,
-    inits: list[str] | None = None,
+    inits: list[str] | None = None, arms_dir: str | Path | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``encoder`` (copied, never changed) on ``data`` with ``cfg.seeds`` seeds, and the
     random-init control when ``cfg.baseline == "random"``; score on the test split (or the
     pooled held-out folds of k-fold cross-validation) and the dev split when there is one.
-    ``inits`` picks the arms explicitly (e.g. ``["random"]``: the control alone)."""
+    ``inits`` picks the arms explicitly (e.g. ``["random"]``: the control alone).
+
+    ``arms_dir``: each finished arm (one init and seed: a training run, or all folds of one) is
+    recorded there as it ends, and an arm recorded for the same encoder weights, data and
+    settings is read back instead of trained again, so an interrupted fine-tuning resumes at
+    the first unfinished arm (that arm starts over)."""
     device = torch.device(device)
     log = log or (lambda msg: None)
     labels = data.labels
@@ -432,6 +438,7 @@ def finetune(
     result = FinetuneResult(data.name, data.kind, labels, data.split, truncated)
     inits = inits or ["pretrained"] + (["random"] if cfg.baseline == "random" else [])
     state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    arms = ArmRecords(arms_dir, arm_basis(state, data, cfg, resplit)) if arms_dir is not None else None
 
     def fresh(init: str, seed: int) -> FinetuneModel:
         torch.manual_seed(seed)
@@ -447,6 +454,18 @@ def finetune(
             run = {"init": init, "seed": seed}
             tag = f"{init}/seed {seed}"
             step_cb = (lambda step, loss, _t=tag: on_step(_t, seed, step, loss)) if on_step else None
+            keeps_model = init == "pretrained" and result.model is None  # the arm whose model is returned
+            done = arms.load(init, seed, keeps_model) if arms is not None else None
+            if done is not None:
+                run, model_state = done
+                if keeps_model:
+                    result.model = fresh(init, seed)
+                    result.model.load_state_dict(model_state)
+                    result.model.eval()
+                log(f"{tag}: test f1 {run['test']['f1']:.4f} accuracy {run['test']['accuracy']:.4f} "
+                    f"(resumed: recorded by an earlier, interrupted fine-tuning)")
+                result.runs.append(run)
+                continue
             if data.folds is None:
                 model = fresh(init, seed)
                 stats = train_head(model, enc_all["train"], cfg, seed, device, amp_dtype, step_cb)
@@ -478,9 +497,61 @@ def finetune(
                        final_loss=stats.final_loss)
             log(f"{tag}: test f1 {run['test']['f1']:.4f} accuracy {run['test']['accuracy']:.4f} "
                 f"({stats.steps} steps, {stats.seconds:.1f}s)")
+            if arms is not None:
+                arms.save(init, seed, run, result.model if keeps_model else None)
             result.runs.append(run)
     result.summary = summarize(result.runs)
     return result
+
+
+def arm_basis(state: dict[str, torch.Tensor], data: TaskData, cfg: FinetuneConfig, resplit: bool) -> str:
+    """What an arm's result depends on: the encoder's weights (their bytes), the task's data and
+    split, and the settings (not ``compile``, which changes speed only)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("compile", "seeds", "baseline")}
+    return fingerprint(h.hexdigest(), data.name, data.kind, data.labels, data.split, resplit, settings,
+                       [[(ex.text, ex.text_b, ex.label, ex.tokens, ex.tags) for ex in getattr(data, part)]
+                        for part in ("train", "dev", "test")], data.folds)
+
+
+class ArmRecords:
+    """Finished arms on disk: ``<init>-seed<seed>.json`` (the arm's scores and the basis they were
+    measured on) and, for the arm whose model is returned, ``<init>-seed<seed>.pt``; both written
+    atomically, the model first, so a record never names a model that is not there."""
+
+    def __init__(self, directory: str | Path, basis: str):
+        self.dir, self.basis = Path(directory), basis
+
+    def _path(self, init: str, seed: int, suffix: str) -> Path:
+        return self.dir / f"{init}-seed{seed}{suffix}"
+
+    def load(self, init: str, seed: int, with_model: bool) -> tuple[dict, dict | None] | None:
+        path = self._path(init, seed, ".json")
+        try:
+            record = read_json(path)
+        except (OSError, ValueError):
+            return None
+        if record.get("basis") != self.basis:  # other weights, data or settings: train it again
+            return None
+        model_state = None
+        if with_model:
+            try:
+                model_state = torch.load(self._path(init, seed, ".pt"), map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError, ValueError):
+                return None
+        return record["run"], model_state
+
+    def save(self, init: str, seed: int, run: dict, model: FinetuneModel | None) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if model is not None:
+            with atomic_path(self._path(init, seed, ".pt")) as tmp:
+                torch.save(model.state_dict(), tmp)
+        atomic_write_json(self._path(init, seed, ".json"), {"basis": self.basis, "run": run})
 
 
 def _subset(enc: Encoded, idx: list[int]) -> Encoded:

@@ -134,8 +134,10 @@ def finetune_task(
     run.log_params({"task": task_ref, "kind": data.kind, "labels": len(data.labels), "model_dir": model_dir,
                     **{f"finetune.{k}": v for k, v in cfg.items()},
                     **{f"split.{k}": v for k, v in data.split.items() if not isinstance(v, (list, dict))}})
-    result = finetune(encoder, tokenizer, data, settings, device, amp, log=logger.info)
     out = Path(out_dir)
+    # finished arms are kept under arms/, so running the same command again after an interruption
+    # (out_dir is keyed by the model, task and settings) resumes at the first unfinished arm
+    result = finetune(encoder, tokenizer, data, settings, device, amp, log=logger.info, arms_dir=out / "arms")
     out.mkdir(parents=True, exist_ok=True)
     record = {**result.as_dict(), "task_ref": task_ref, "model_dir": model_dir, "settings": cfg}
     atomic_write_json(out / "result.json", record)

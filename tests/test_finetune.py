@@ -170,15 +170,21 @@ def test_truncation_counted(tiny):
     assert enc.truncated == 1 and max(len(x) for x in enc.ids) == 32
 
 
-def test_finetune_learns_and_reports_control(tiny, merosu, tmp_path):
-    """A keyword task on 走れメロス sentences: both arms learn it; the summary carries the spread."""
+def _keyword_task(merosu) -> TaskData:
+    """Does the 走れメロス sentence name メロス? (seeded 80/10/10 split)"""
     from mlm_core.shards import iter_rows
 
-    encoder, tok = tiny
     texts = [r["text"] for b in iter_rows(merosu.shard_paths("train"), ["text"]) for r in b.to_pylist()]
     exs = [Example(label="melos" if "メロス" in t else "other", text=t, where=f"s:{i}") for i, t in enumerate(texts)]
     tr, dv, te, _, rec = seeded_split(exs, 0)
-    data = TaskData("kw", "classification", tr, dv, te, None, rec)
+    return TaskData("kw", "classification", tr, dv, te, None, rec)
+
+
+def test_finetune_learns_and_reports_control(tiny, merosu, tmp_path):
+    """A keyword task on 走れメロス sentences: both arms learn it; the summary carries the spread."""
+    encoder, tok = tiny
+    data = _keyword_task(merosu)
+    te = data.test
     messages = []
     res = finetune(encoder, tok, data, FinetuneConfig(epochs=12, seeds=2, learning_rate=3e-3), log=messages.append)
     assert len(res.runs) == 4 and {r["init"] for r in res.runs} == {"pretrained", "random"}
@@ -192,6 +198,43 @@ def test_finetune_learns_and_reports_control(tiny, merosu, tmp_path):
     loaded, _, labels = load_finetuned(out)
     enc = encode_examples(te, tok, "classification", {l: i for i, l in enumerate(labels)}, 64)
     assert predict_ids(loaded, enc, torch.device("cpu")) == predict_ids(res.model, enc, torch.device("cpu"))
+
+
+def test_interrupted_finetuning_resumes_at_the_first_unfinished_arm(tiny, merosu, tmp_path):
+    """Finished arms are recorded as they end; the same fine-tuning run again trains only the
+    arms that had not finished, and gives what an uninterrupted run gives."""
+    encoder, tok = tiny
+    data, cfg, arms = _keyword_task(merosu), FinetuneConfig(max_steps=3, seeds=2), tmp_path / "arms"
+    whole = finetune(encoder, tok, data, cfg)
+
+    def recorder(trained: list, stop_at: int | None = None):
+        def on_step(tag, seed, step, loss):
+            if tag not in trained:
+                trained.append(tag)
+            if len(trained) == stop_at:
+                raise KeyboardInterrupt  # Ctrl-C in the third arm
+        return on_step
+
+    first: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        finetune(encoder, tok, data, cfg, arms_dir=arms, on_step=recorder(first, stop_at=3))
+    assert first == ["pretrained/seed 0", "random/seed 0", "pretrained/seed 1"]
+    assert sorted(p.name for p in arms.iterdir()) == ["pretrained-seed0.json", "pretrained-seed0.pt",
+                                                      "random-seed0.json"]
+    second: list[str] = []
+    messages: list[str] = []
+    resumed = finetune(encoder, tok, data, cfg, arms_dir=arms, on_step=recorder(second), log=messages.append)
+    assert second == ["pretrained/seed 1", "random/seed 1"]  # the two finished arms were not trained again
+    assert sum("resumed" in m for m in messages) == 2
+    assert [(r["init"], r["seed"], r["test"]) for r in resumed.runs] == [
+        (r["init"], r["seed"], r["test"]) for r in whole.runs]
+    assert resumed.summary == whole.summary
+    for name, value in whole.model.state_dict().items():  # the returned model is the recorded one
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    # other settings (or weights, or data) are another basis: nothing recorded is reused
+    third: list[str] = []
+    finetune(encoder, tok, data, FinetuneConfig(max_steps=4, seeds=1), arms_dir=arms, on_step=recorder(third))
+    assert third == ["pretrained/seed 0", "random/seed 0"]
 
 
 def test_kfold_pools_every_example(tiny, tmp_path):

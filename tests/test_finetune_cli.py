@@ -102,6 +102,15 @@ def test_finetune_builtin_authors_logged_and_linked(pretrained, capsys, monkeypa
     table = mine.data if isinstance(mine.data, list) else json.loads(mine.data)
     assert sorted((r["init"], r["seed"]) for r in table) == [("pretrained", 0), ("pretrained", 1), ("random", 0),
                                                             ("random", 1)]
+    # the same command again reads every finished arm back instead of training it (as after a
+    # Ctrl-C, where it resumes at the first unfinished arm): same scores, same recorded timings
+    first = json.loads((Path(out["model_dir"]).parent / "result.json").read_text(encoding="utf-8"))
+    assert len(list((Path(out["model_dir"]).parent / "arms").glob("*.json"))) == 4
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    second = json.loads((Path(again["model_dir"]).parent / "result.json").read_text(encoding="utf-8"))
+    assert again["mlflow_run_id"] != out["mlflow_run_id"] and second["runs"] == first["runs"]
+    assert again["finetune/aozora-authors/f1"] == out["finetune/aozora-authors/f1"]
     # a fine-tuning run is not a pretrain run: `latest` still means the model
     rows, _ = list_runs(uri, "melos-ft", None, 10)
     assert [r["run_id"] for r in rows] == [trained["mlflow_run_id"]]
