@@ -107,8 +107,7 @@ def _help(cls: type[BaseModel], field: str, extra: dict) -> str:
     repeatable option says that giving it replaces the default rather than adding to it."""
     info = cls.model_fields[field]
     text = info.description
-    for f, flag in ((f, flag) for _, c, f, flag, _ in _OPTIONS if c is cls and "_" in f):  # not plain words
-        text = re.sub(rf"\b{f}\b", flag, text)
+    text = _in_cli_words(cls, text)
     default = info.default_factory() if info.default_factory else info.default
     if extra.get("type") is _count_or_all:
         text = text.replace("None: all", "0 or 'all': every one")
@@ -119,6 +118,13 @@ def _help(cls: type[BaseModel], field: str, extra: dict) -> str:
     else:
         text += f" (default: {'not set' if default is None else default})"
     return text.replace("%", "%%")
+
+
+def _in_cli_words(cls: type[BaseModel], text: str) -> str:
+    """``text`` with the config's field names (max_length) spelled as their flags (--max-length)."""
+    for f, flag in ((f, flag) for _, c, f, flag, _ in _OPTIONS if c is cls and "_" in f):  # not plain words
+        text = re.sub(rf"\b{f}\b", flag, text)
+    return text
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -258,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'latest', an MLflow run id (a pretrain run or its train stage run), or a model directory")
     _add_config_options(v, ("download", "tokenize", "evaluate", "runtime"))
     _add_run_options(v, "melos", "print the metrics as JSON (eval/... names)")
+    # here the corpus is the point, so every held-out sentence is scored unless a sample is asked for
+    [sample] = [a for a in v._actions if a.dest == "evaluate.max_sentences"]
+    sample.help = sample.help.replace("(default: 4000)", "(default: every sentence)")
 
     c = _command(
         sub, "compare", "compare training settings over seeds on one prepared dataset (table + plots in MLflow)",
@@ -361,7 +370,8 @@ def _one_line(exc: ValidationError) -> str:
     for err in exc.errors():
         field = str(err["loc"][0]) if err["loc"] else ""
         name = flags.get((section, field), f"--{field.replace('_', '-')}" if field else section)
-        parts.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{name}: {_in_cli_words(_SECTIONS[section], msg) if section in _SECTIONS else msg}")
     return "; ".join(parts)
 
 

@@ -205,9 +205,10 @@ def train_key(cfg: TrainConfig, data_fingerprint: str) -> str:
     return fingerprint("train", data_fingerprint, cfg.fingerprint_fields())
 
 
-def peak_flops(device: torch.device, runtime: RuntimeConfig) -> float:
+def peak_flops(device: torch.device, runtime: RuntimeConfig, threads: int | None = None) -> float:
     """Peak FLOP/s of one device: the runtime setting, a table of known GPUs (dense bf16),
-    or on CPU 80 GFLOP/s per torch thread (2.5 GHz x 32 fp32 FLOPs per cycle: AVX2, two FMA units)."""
+    or on CPU 80 GFLOP/s per torch thread (2.5 GHz x 32 fp32 FLOPs per cycle: AVX2, two FMA
+    units) of ``threads`` (default: this process's torch threads)."""
     if runtime.peak_tflops:
         return runtime.peak_tflops * 1e12
     if device.type == "cuda":
@@ -217,7 +218,7 @@ def peak_flops(device: torch.device, runtime: RuntimeConfig) -> float:
             if key in name:
                 return tflops * 1e12
         return 100e12
-    return torch.get_num_threads() * 80e9
+    return (threads or torch.get_num_threads()) * 80e9
 
 
 def device_compute(runtime: RuntimeConfig) -> tuple[float, str]:
@@ -225,12 +226,11 @@ def device_compute(runtime: RuntimeConfig) -> tuple[float, str]:
     starts: what a budget profile is chosen by (``mlm_core.profiles``)."""
     device, _ = resolve_device(runtime)
     processes = runtime.nproc_per_node * runtime.nnodes
-    if device.type == "cuda":
-        return peak_flops(device, runtime) * processes, "gpu"
-    if runtime.peak_tflops:
-        return runtime.peak_tflops * 1e12 * processes, "cpu"
+    kind = "gpu" if device.type == "cuda" else "cpu"
+    if kind == "gpu" or runtime.peak_tflops:
+        return peak_flops(device, runtime) * processes, kind
     threads = runtime.num_threads * processes if runtime.num_threads else usable_cpus() * runtime.nnodes
-    return threads * 80e9, "cpu"
+    return peak_flops(device, runtime, threads), kind
 
 
 def tokens_per_batch_for(cfg: TrainConfig, corpus: EncodedCorpus) -> int:

@@ -91,16 +91,17 @@ def test_bad_options_get_a_readable_error():
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode != 0
-    assert "hidden_size (130) must be divisible by num_heads (4)" in out.stderr
+    assert "--hidden-size (130) must be divisible by --heads (4)" in out.stderr  # the flags, not field names
     assert "Traceback" not in out.stderr
     bad = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "pretrain", "--mask-rate", "2", "--lr", "-1"],
+        [sys.executable, "-m", "flows.cli", "pretrain", "--mask-rate", "2", "--lr", "-1", "--tokens-per-batch", "10"],
         capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     # one line, naming each bad flag (not pydantic's field names and URLs)
     assert bad.stderr.strip().count("\n") == 0, bad.stderr
     assert "--mask-rate:" in bad.stderr and "--lr:" in bad.stderr and "pydantic.dev" not in bad.stderr
+    assert "one sequence of --max-length 128" in bad.stderr and "max_length" not in bad.stderr
 
 
 def test_help_lists_every_stage():
@@ -109,3 +110,6 @@ def test_help_lists_every_stage():
     for flag in ("--source", "--vocab-size", "--epochs", "--mask-rate", "--masking", "--seed", "--resume", "--workdir"):
         assert flag in out.stdout
     assert "Stage 4" in out.stdout and "(default: 0.15)" in out.stdout
+    # `melos evaluate` scores the whole held-out split unless asked for a sample, and says so
+    ev = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", "--help"], capture_output=True, text=True)
+    assert "(default: every sentence)" in " ".join(ev.stdout.split()) and "(default: 4000)" not in ev.stdout
