@@ -110,6 +110,15 @@ def pretrain(
             vocabulary = data_stage(adopt_vocab_stage, "vocab", adopted_key(shards, init), shards=shards, init=init,
                                     **common)
         run_dir = train_run_dir(shards, vocabulary, train, workdir, init)
+        if resume and profile is not None and profile.applied and not (run_dir / "checkpoints").is_dir():
+            from mlm_core.train import ResumeError
+
+            raise ResumeError(
+                f"resume requested, but no earlier run with these settings exists ({run_dir}); the settings you "
+                f"did not give came from budget profile {profile.profile.name} ({', '.join(profile.applied)}), "
+                "which --budget-minutes and the compute (--threads, --nproc-per-node, --nnodes, device) choose: "
+                "resume with the interrupted run's budget and compute, or give those settings as flags"
+            )
         # held until the model is evaluated and published: a second run with these settings
         # would otherwise replace or move this run's checkpoints and model under it
         with locks.acquire_run_lock(run_dir.with_name(run_dir.name + ".lock"), parent, on_busy, logger.info) as lock:

@@ -23,7 +23,7 @@ from mlm_core.data import EncodedCorpus, encode_key, encode_shards
 from mlm_core.io import atomic_write_json, fingerprint, read_json
 from mlm_core.shards import shard_paths
 from mlm_core.tokenizer import WordPieceTokenizer
-from mlm_core.train import TrainCallback, TrainingStopped, train_key, train_model
+from mlm_core.train import ResumeError, TrainCallback, TrainingStopped, train_key, train_model
 from mlm_core.vocab import VOCAB_FILE
 
 from .children import stop_at_safe_points, stop_requested, tied
@@ -121,7 +121,7 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
     """
     if resume:
         if not (run_dir / "checkpoints").is_dir():
-            raise FileNotFoundError(
+            raise ResumeError(
                 f"resume requested, but no earlier run with these settings exists ({run_dir}); "
                 "drop --resume to start one"
             )

@@ -126,6 +126,12 @@ def test_a_budget_run_takes_what_it_was_not_given_from_its_profile(trained):
     assert parent.metrics["train/tokens_seen"] == result["train"]["train/tokens_seen"] > 0
     assert 0 < parent.metrics["train/budget_used"] <= 1.0
     assert 0 < parent.metrics["train/step_seconds"] <= 0.05 * 60 * 1.5
+    # --resume with another budget picks other settings: the one line says the profile chose them
+    out = melos(["pretrain", *TINY, "--budget-minutes", "0.07", "--mask-rate", "0.15", "--resume"],
+                trained["project"], trained["env"])
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    [line] = [ln for ln in out.stderr.splitlines() if ln.startswith("melos:")]
+    assert "no earlier run with these settings" in line and "budget profile cpu-2.5min" in line, line
 
 
 def test_experiment_and_runs_are_tagged_for_the_mlflow_ui(trained):
