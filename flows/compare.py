@@ -22,7 +22,10 @@ from prefect.runtime import flow_run
 from mlm_core.config import DownloadConfig, EvalConfig, RuntimeConfig, TokenizeConfig, TrainConfig, VocabConfig
 from mlm_core.download import download_key
 from mlm_core.io import atomic_dir
-from mlm_core.grid import as_params, csv_table, describe, markdown_table, setting_jobs, summarise
+from mlm_core.grid import (
+    as_params, csv_table, describe, differences_table, kendall_tau, markdown_table, ranking, setting_jobs,
+    summarise,
+)
 from mlm_core.shards import tokenize_key
 from mlm_core.vocab import vocab_key
 from tasks import tracking
@@ -248,6 +251,27 @@ def _controls(parent: str, results: list[dict], downstream: list[str], cfg: dict
     return [{"label": CONTROL_LABEL, "seed": train.seed + i, "metrics": m} for i, m in enumerate(per_seed)]
 
 
+def _reading(rows: list[dict], setting_rows: list[dict], metrics: list[str]) -> list[str]:
+    """Markdown lines on what the table says: each row against the first setting, beyond the
+    noise or not, and (with downstream scores) whether the downstream and masked-LM rankings agree."""
+    downstream = [m for m in metrics if m.startswith("finetune/") and m.endswith("/f1")]
+    mlm = [m for m in ("eval/top1_accuracy", "eval/pseudo_perplexity", "eval/pll_per_char") if m in metrics]
+    out = []
+    if len(rows) > 1:
+        out += ["## Against the first setting", "",
+                f"Each row's mean minus that of '{rows[0]['setting']}'; **beyond** the noise when the two "
+                "mean ± spread intervals do not overlap (a screen, not a significance test), within it otherwise.",
+                "", differences_table(rows, mlm + downstream), ""]
+    if downstream and mlm and len(setting_rows) > 1:
+        out += ["## Do the downstream and masked-LM rankings agree?", ""]
+        out += [f"- by `{m}`: {ranking(setting_rows, m)}" for m in mlm + downstream]
+        out += [f"- Kendall τ of `{d}` against `{m}`: {kendall_tau(setting_rows, m, d):+.2f}"
+                for d in downstream for m in mlm]
+        out += ["- τ = 1 is the same order, −1 the reverse; settings whose difference is within the noise may "
+                "change places with other seeds", ""]
+    return out
+
+
 def _report(parent: str, results: list[dict], grid: dict | list, seeds: int, train: TrainConfig, workdir: str,
             char_level: bool = False, controls: list[dict] | None = None) -> dict:
     from tasks.compare_plots import accuracy_bars, downstream_bars, loss_curves, pos_bars
@@ -275,6 +299,7 @@ def _report(parent: str, results: list[dict], grid: dict | list, seeds: int, tra
            f"for NER); the row '{CONTROL_LABEL}' fine-tunes the same architecture from random weights"]
           if controls else []),
         "", table, "",
+        *_reading(rows, setting_rows, metrics),
     ])
     run = tracking.StageRun(parent)
     # kept in the work directory too, so the command can name files a person can open

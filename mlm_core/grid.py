@@ -171,8 +171,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) ->
     for row in rows:
         cells = [str(row["setting"]), str(row["runs"])]
         # one run has no spread: say n=1 rather than a "± 0.0000" that reads as certainty
-        cells += [f"{row[m]:.4f} ± {row[f'{m}:spread']:.4f}" if row["runs"] > 1 else f"{row[m]:.4f} (n=1)"
-                  for m in metrics]
+        cells += ["–" if math.isnan(row[m]) else f"{row[m]:.4f} ± {row[f'{m}:spread']:.4f}" if row["runs"] > 1
+                  else f"{row[m]:.4f} (n=1)" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -187,3 +187,64 @@ def csv_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
     for row in rows:
         writer.writerow([row["setting"], row["runs"], *(f"{row[x]:.6g}" for m in metrics for x in (m, f"{m}:spread"))])
     return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- reading a comparison
+
+LOWER_IS_BETTER = ("eval/pseudo_perplexity", "eval/loss")
+
+
+def beyond_noise(a: Mapping[str, Any], b: Mapping[str, Any], metric: str) -> bool | None:
+    """Whether two summary rows differ in ``metric`` by more than their spreads together (their
+    mean ± spread intervals do not overlap, the rule ``melos finetune`` uses for its gain);
+    None when either side has a single run or no value (nothing to judge the noise by)."""
+    values = (a.get(metric, math.nan), b.get(metric, math.nan))
+    if a["runs"] < 2 or b["runs"] < 2 or any(math.isnan(v) for v in values):
+        return None
+    return abs(values[0] - values[1]) > a[f"{metric}:spread"] + b[f"{metric}:spread"]
+
+
+def differences_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
+    """Markdown: every later row against the first (the baseline), per metric the difference of
+    the means, marked **beyond** the noise or within it (``beyond_noise``)."""
+    base = rows[0]
+    lines = ["| setting | " + " | ".join(f"Δ {m}" for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+    for row in rows[1:]:
+        cells = []
+        for m in metrics:
+            diff = row.get(m, math.nan) - base.get(m, math.nan)
+            verdict = beyond_noise(row, base, m)
+            cells.append("–" if math.isnan(diff) else f"{diff:+.4f} " + (
+                "(n=1)" if verdict is None else "**beyond**" if verdict else "within"))
+        lines.append(f"| {row['setting']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _sign(metric: str, x: float, y: float) -> int:
+    """1 when ``x`` is the better value of ``metric``, -1 when ``y`` is, 0 on a tie."""
+    if x == y:
+        return 0
+    return 1 if (x < y) == (metric in LOWER_IS_BETTER) else -1
+
+
+def ranking(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """The settings from best to worst by the mean of ``metric``: "a > b = c" (rows without it left out)."""
+    scored = sorted((r for r in rows if not math.isnan(r.get(metric, math.nan))), key=lambda r: r[metric],
+                    reverse=metric not in LOWER_IS_BETTER)
+    text = ""
+    for prev, row in zip([None, *scored], scored):
+        if prev is not None:
+            text += " = " if _sign(metric, prev[metric], row[metric]) == 0 else " > "
+        text += str(row["setting"])
+    return text
+
+
+def kendall_tau(rows: Sequence[Mapping[str, Any]], metric_a: str, metric_b: str) -> float:
+    """Rank agreement of the settings' means of two metrics (each the right way round): 1 the same
+    order, -1 reversed, ~0 unrelated (Kendall's tau-a: a pair tied in either counts 0)."""
+    both = [r for r in rows if not math.isnan(r.get(metric_a, math.nan)) and not math.isnan(r.get(metric_b, math.nan))]
+    pairs = [(x, y) for i, x in enumerate(both) for y in both[i + 1:]]
+    if not pairs:
+        return math.nan
+    return sum(_sign(metric_a, x[metric_a], y[metric_a]) * _sign(metric_b, x[metric_b], y[metric_b])
+               for x, y in pairs) / len(pairs)

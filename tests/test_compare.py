@@ -160,3 +160,34 @@ def test_settings_listed_one_by_one(tmp_path, monkeypatch) -> None:
     with pytest.raises(SystemExit, match="study.yaml: --grid mask_rat: not a training setting"):
         main(["compare", "--grid-file", str(grid_file), "--workdir", str(tmp_path / "w")])
     assert not (tmp_path / "w").exists()
+
+
+def test_differences_against_the_first_setting_and_rank_agreement() -> None:
+    from mlm_core.grid import beyond_noise, differences_table, kendall_tau, ranking
+
+    results = [{"label": label, "metrics": {"acc": a, "eval/pseudo_perplexity": p}}
+               for label, runs in (("base", [(0.30, 90.0), (0.32, 92.0)]), ("far", [(0.40, 70.0), (0.42, 71.0)]),
+                                   ("near", [(0.31, 95.0), (0.34, 80.0)]), ("one", [(0.5, 60.0)]))
+               for a, p in runs]
+    rows = summarise(results, ["acc", "eval/pseudo_perplexity"])
+    base, far, near, one = rows
+    assert beyond_noise(far, base, "acc") is True  # 0.41 ± 0.014 against 0.31 ± 0.014
+    assert beyond_noise(near, base, "acc") is False  # 0.325 ± 0.021 overlaps 0.31 ± 0.014
+    assert beyond_noise(one, base, "acc") is None  # one run: no spread to judge by
+    table = differences_table(rows, ["acc"])
+    assert "| far | +0.1000 **beyond** |" in table and "| near | +0.0150 within |" in table
+    assert "| one | +0.1900 (n=1) |" in table and "| base |" not in table
+    assert ranking(rows, "acc") == "one > far > near > base"
+    assert ranking(rows, "eval/pseudo_perplexity") == "one > far > near > base"  # lower is better
+    assert kendall_tau(rows, "acc", "eval/pseudo_perplexity") == 1.0  # the same order, each the right way round
+    assert kendall_tau(rows, "acc", "acc") == 1.0
+    flipped = [{**r, "m": -r["acc"]} for r in rows]
+    assert kendall_tau(flipped, "acc", "m") == -1.0
+    swapped = [{**r, "m": {"one": 2, "far": 3, "near": 1, "base": 0}[r["setting"]]} for r in rows]
+    assert kendall_tau(swapped, "acc", "m") == pytest.approx(4 / 6)  # one pair of six out of order
+    tied = [{**r, "m": 0.36 if r["setting"] in ("far", "near") else r["acc"]} for r in rows]
+    assert kendall_tau(tied, "acc", "m") == pytest.approx(5 / 6) and "far = near" in ranking(tied, "m")
+    assert "| one | 1 | 0.5000 (n=1) | 60.0000 (n=1) |" in markdown_table(rows, ["acc", "eval/pseudo_perplexity"])
+    nan_row = summarise([{"label": "ctl", "metrics": {"f1": 0.5}}, {"label": "ctl", "metrics": {"f1": 0.6}}],
+                        ["acc", "f1"])
+    assert "| ctl | 2 | – | 0.5500 ± 0.0707 |" in markdown_table(nan_row, ["acc", "f1"])  # no "nan ± nan"

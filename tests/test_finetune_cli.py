@@ -192,6 +192,11 @@ def test_compare_downstream_scores_with_control(pretrained, capsys, monkeypatch)
     static = [c.data.metrics["finetune/aozora-authors/f1"] for c in children
               if c.data.tags["melos.setting"] == "masking=static"]
     assert rows["masking=static"]["finetune/aozora-authors/f1"] == pytest.approx(sum(static) / 2)
+    # the report reads the table: each row against the first setting, and the rankings side by side
+    md = Path(client.download_artifacts(out["mlflow_run_id"], "comparison/comparison.md", str(tmp / "cmp-md"))
+              ).read_text(encoding="utf-8")
+    assert "| random init (control) | – " in md and "Δ finetune/aozora-authors/f1" in md
+    assert "- by `finetune/aozora-authors/f1`: " in md and "Kendall τ of `finetune/aozora-authors/f1`" in md
     arts = {a.path for a in client.list_artifacts(out["mlflow_run_id"], "comparison")}
     assert "comparison/downstream.png" in arts
     local = client.download_artifacts(out["mlflow_run_id"], "comparison/comparison.csv", str(tmp / "cmp-dl"))
