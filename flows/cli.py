@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--deployment", metavar="FLOW/NAME",
                    help="fan the runs out as flow runs of this deployment of the compare-setting flow "
                    "(default: run them one after another here)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue the latest comparison with these same options (one that was stopped or failed): "
+                   "its finished runs join the new comparison run as they are, an interrupted one continues from "
+                   "its last checkpoint, the rest train")
     from flows import finetune_cli
 
     finetune_cli.add_downstream_options(c)
@@ -717,9 +721,9 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         raise SystemExit(f"melos: {exc}") from None
     from flows.compare import compare
 
-    result = _run_flow(compare, "run the same command again (finished data stages are reused)",
+    result = _run_flow(compare, "run the same command with --resume to keep the finished runs",
                        grid=grid, seeds=ns.seeds, **configs, workdir=ns.workdir, experiment=ns.experiment,
-                       deployment=ns.deployment, **finetune_cli.downstream_params(ns))
+                       deployment=ns.deployment, resume=ns.resume, **finetune_cli.downstream_params(ns))
     if isinstance(result, _StoppedExit):
         return result
     if ns.json:

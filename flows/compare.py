@@ -21,7 +21,8 @@ from prefect.runtime import flow_run
 
 from mlm_core.config import DownloadConfig, EvalConfig, RuntimeConfig, TokenizeConfig, TrainConfig, VocabConfig
 from mlm_core.download import download_key
-from mlm_core.io import atomic_dir
+from mlm_core.errors import UserError
+from mlm_core.io import atomic_dir, fingerprint
 from mlm_core.grid import (
     as_params, csv_table, describe, differences_table, kendall_tau, markdown_table, ranking, setting_jobs,
     summarise,
@@ -33,7 +34,7 @@ from tasks.download import download_stage
 from tasks.evaluate import evaluate_stage
 from tasks.finetune import downstream_task
 from tasks.tokenize import tokenize_stage
-from tasks.train import train_stage
+from tasks.train import train_run_dir, train_stage
 from tasks.vocab import adopt_vocab_stage, adopted_key, vocab_stage
 
 from .init_from import compare_train_config, init_tokenize_config, resolve_init
@@ -42,6 +43,8 @@ from .pretrain import data_stage
 TAG_COMPARISON = "melos.comparison"
 TAG_SETTING = "melos.setting"
 TAG_MODEL_DIR = "melos.model_dir"
+TAG_COMPARISON_KEY = "melos.comparison_key"  # the settings of a comparison, for --resume
+TAG_RESUMED_FROM = "melos.resumed_from"
 CONTROL_LABEL = "random init (control)"
 TABLE_METRICS = (
     "eval/top1_accuracy", "eval/top5_accuracy", "eval/wwm_top1_accuracy", "eval/pseudo_perplexity", "eval/loss",
@@ -53,13 +56,14 @@ TABLE_METRICS = (
 def compare_setting(
     shards: dict, vocab: dict, train: TrainConfig, evaluate: EvalConfig, runtime: RuntimeConfig, workdir: str,
     comparison_run_id: str, label: str, init: dict | None = None, char_level: bool = False,
-    downstream: list[str] | None = None, downstream_cfg: dict | None = None,
+    downstream: list[str] | None = None, downstream_cfg: dict | None = None, resume: bool = False,
 ) -> dict:
     """Train ``train`` on the prepared data and evaluate it, in an MLflow run nested under
     ``comparison_run_id`` (tagged with the setting, for the MLflow UI's compare view); then
     fine-tune the model on each ``downstream`` task (``finetune/<task>/f1`` on the same run).
     ``init`` continues a checkpoint (``flows.init_from.resolve_init``); ``char_level`` adds the
-    tokenizer-independent ``eval/pll_per_char`` (settings with different tokenizers)."""
+    tokenizer-independent ``eval/pll_per_char`` (settings with different tokenizers). ``resume``:
+    continue this setting's training from its checkpoints when an interrupted run left some."""
     client = tracking.client()
     parent = client.get_run(comparison_run_id)
     tags = {
@@ -71,7 +75,8 @@ def compare_setting(
     common = {"workdir": workdir, "parent_run_id": run_id}
     try:
         tracking.StageRun(run_id).log_params({"train": train.model_dump(), "evaluate": evaluate.model_dump()})
-        trained = train_stage(shards=shards, vocab=vocab, cfg=train, runtime=runtime, resume=False, init=init, **common)
+        resume = resume and (train_run_dir(shards, vocab, train, workdir, init) / "checkpoints").is_dir()
+        trained = train_stage(shards=shards, vocab=vocab, cfg=train, runtime=runtime, resume=resume, init=init, **common)
         report = evaluate_stage(shards=shards, vocab=vocab, trained=trained, cfg=evaluate, runtime=runtime, init=init,
                                 char_level=char_level, **common)
         tracking.StageRun(run_id).set_tags({TAG_MODEL_DIR: trained["model_dir"]})
@@ -85,6 +90,39 @@ def compare_setting(
     tracking.end_run(run_id, "FINISHED")
     return {"label": label, "seed": train.seed, "mlflow_run_id": run_id, "metrics": report["metrics"],
             "model_dir": trained["model_dir"]}
+
+
+class NothingToResume(UserError, FileNotFoundError):
+    """``--resume`` found no earlier comparison with the same settings."""
+
+
+def earlier_comparison(experiment: str, key: str) -> str | None:
+    """The latest comparison run of ``experiment`` made with the settings ``key`` names."""
+    tracking.check_reachable()
+    tracking.ensure_store()
+    client = tracking.client()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.`{TAG_COMPARISON_KEY}` = '{key}' and tags.`{TAG_COMPARISON}` = 'parent'")
+    return runs[0].info.run_id if runs else None
+
+
+def adopt_finished(earlier: str, parent: str) -> set[tuple[str, int]]:
+    """Move the finished setting runs of the comparison ``earlier`` under ``parent`` (their
+    metrics, models and stage runs as they are); returns their (label, seed)."""
+    client = tracking.client()
+    exp = client.get_run(earlier).info.experiment_id
+    done = set()
+    for r in client.search_runs([exp], filter_string=f"tags.`{TAG_COMPARISON}` = '{earlier}'", max_results=5000):
+        if r.info.status != "FINISHED":
+            continue
+        for tag, value in (("mlflow.parentRunId", parent), (TAG_COMPARISON, parent), (TAG_RESUMED_FROM, earlier)):
+            client.set_tag(r.info.run_id, tag, value)
+        done.add((r.data.tags[TAG_SETTING], int(r.data.tags["melos.seed"])))
+    client.set_tag(earlier, "melos.resumed_by", parent)
+    return done
 
 
 def _fan_out(deployment: str, jobs: list[dict[str, Any]], poll_s: float = 2.0) -> None:
@@ -149,6 +187,7 @@ def compare(
     deployment: str | None = None,
     downstream: list[str] | None = None,
     downstream_cfg: dict | None = None,
+    resume: bool = False,
 ) -> dict:
     """Prepare the data once, train and evaluate every setting x seed, and report.
 
@@ -165,16 +204,29 @@ def compare(
         downstream: tasks to fine-tune every trained model on (a file, aozora-authors, aozora-pos); the
             same architecture from random weights is fine-tuned with each seed as the control row.
         downstream_cfg: fine-tuning settings (epochs, max_steps, learning_rate, batch_size, ...).
+        resume: continue the latest earlier comparison with these same settings: its finished runs
+            join this comparison as they are, the others train again (from their checkpoints).
     """
     logger = get_run_logger()
     jobs_cfg = setting_jobs(train, grid, seeds)  # bad grids fail before any work
     workdir = str(Path(workdir).resolve())
+    key = fingerprint("compare", as_params(grid), seeds, *(c.model_dump() for c in (download, tokenize, vocab, train,
+                      evaluate)), downstream or [], downstream_cfg or {})
+    earlier = earlier_comparison(experiment, key) if resume else None
+    if resume and earlier is None:
+        raise NothingToResume(f"--resume: no earlier comparison with these settings in experiment {experiment!r}; "
+                              "give the interrupted comparison's options, or run without --resume")
     parent = tracking.start_parent(
         experiment, run_name=flow_run.name or "compare",
         tags={tracking.TAG_FLOW_RUN: str(flow_run.id), tracking.TAG_FLOW_RUN_NAME: flow_run.name or "",
-              tracking.TAG_STAGE: "compare", TAG_COMPARISON: "parent"},
+              tracking.TAG_STAGE: "compare", TAG_COMPARISON: "parent", TAG_COMPARISON_KEY: key,
+              **({TAG_RESUMED_FROM: earlier} if earlier else {})},
     )
     logger.info("comparison run %s: %d settings x %d seeds", parent, len(jobs_cfg) // seeds, seeds)
+    done = adopt_finished(earlier, parent) if earlier else set()
+    if earlier:
+        logger.info("resuming comparison %s: %d of %d runs had finished and join this one as they are",
+                    earlier, len(done), len(jobs_cfg))
     inits = _resolve_inits(jobs_cfg, workdir)
     common = {"workdir": workdir, "parent_run_id": parent}
     try:
@@ -202,8 +254,8 @@ def compare(
              "train": cfg if inits[source] is None else compare_train_config(cfg, inits[source]),
              "evaluate": evaluate, "runtime": runtime, "workdir": workdir, "comparison_run_id": parent,
              "label": label, "init": inits[source], "char_level": char_level, "downstream": downstream or [],
-             "downstream_cfg": downstream_cfg or {}}
-            for label, _, cfg, source in jobs_cfg
+             "downstream_cfg": downstream_cfg or {}, "resume": bool(earlier)}
+            for label, seed, cfg, source in jobs_cfg if (label, seed) not in done
         ]
         if deployment:
             _fan_out(deployment, [{**j, "train": j["train"].model_dump(), "evaluate": j["evaluate"].model_dump(),
