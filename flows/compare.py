@@ -80,10 +80,7 @@ def compare_setting(
         report = evaluate_stage(shards=shards, vocab=vocab, trained=trained, cfg=evaluate, runtime=runtime, init=init,
                                 char_level=char_level, **common)
         tracking.StageRun(run_id).set_tags({TAG_MODEL_DIR: trained["model_dir"]})
-        for task_ref in downstream or []:
-            downstream_task(model_dir=trained["model_dir"], task_ref=task_ref, corpus=shards["dir"],
-                            cfg={**(downstream_cfg or {}), "seeds": 1, "seed": train.seed, "baseline": "none"},
-                            runtime=runtime, run_id=run_id)
+        _complete_downstream(run_id, train.seed, downstream or [], downstream_cfg or {}, shards["dir"], runtime)
     except BaseException as exc:  # KILLED when stopped (Ctrl-C, SIGTERM), else FAILED
         tracking.end_run(run_id, tracking.end_status(exc))
         raise
@@ -109,20 +106,39 @@ def earlier_comparison(experiment: str, key: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def adopt_finished(earlier: str, parent: str) -> set[tuple[str, int]]:
+def adopt_finished(earlier: str, parent: str) -> dict[tuple[str, int], str]:
     """Move the finished setting runs of the comparison ``earlier`` under ``parent`` (their
-    metrics, models and stage runs as they are); returns their (label, seed)."""
+    metrics, models and stage runs as they are); returns their run ids by (label, seed)."""
     client = tracking.client()
     exp = client.get_run(earlier).info.experiment_id
-    done = set()
+    done = {}
     for r in client.search_runs([exp], filter_string=f"tags.`{TAG_COMPARISON}` = '{earlier}'", max_results=5000):
         if r.info.status != "FINISHED":
             continue
         for tag, value in (("mlflow.parentRunId", parent), (TAG_COMPARISON, parent), (TAG_RESUMED_FROM, earlier)):
             client.set_tag(r.info.run_id, tag, value)
-        done.add((r.data.tags[TAG_SETTING], int(r.data.tags["melos.seed"])))
+        done[(r.data.tags[TAG_SETTING], int(r.data.tags["melos.seed"]))] = r.info.run_id
     client.set_tag(earlier, "melos.resumed_by", parent)
     return done
+
+
+def _complete_downstream(run_id: str, seed: int, downstream: list[str], cfg: dict, corpus: str, runtime) -> None:
+    """Fine-tune a setting run's model on each task it has no score for made with ``cfg``, and
+    record the settings of each score (tag ``melos.downstream.<task>``; a score recorded
+    without one, by an older Melos, is kept)."""
+    from tasks.finetune import task_name
+
+    client = tracking.client()
+    run = client.get_run(run_id)
+    made_with = fingerprint({k: v for k, v in cfg.items() if k not in ("seed", "seeds", "baseline")})
+    for task_ref in downstream:
+        name = task_name(task_ref)
+        tag = f"melos.downstream.{name}"
+        if f"finetune/{name}/f1" in run.data.metrics and run.data.tags.get(tag, made_with) == made_with:
+            continue
+        downstream_task(model_dir=run.data.tags[TAG_MODEL_DIR], task_ref=task_ref, corpus=corpus,
+                        cfg={**cfg, "seeds": 1, "seed": seed, "baseline": "none"}, runtime=runtime, run_id=run_id)
+        client.set_tag(run_id, tag, made_with)
 
 
 def _fan_out(deployment: str, jobs: list[dict[str, Any]], poll_s: float = 2.0) -> None:
@@ -205,13 +221,16 @@ def compare(
             same architecture from random weights is fine-tuned with each seed as the control row.
         downstream_cfg: fine-tuning settings (epochs, max_steps, learning_rate, batch_size, ...).
         resume: continue the latest earlier comparison with these same settings: its finished runs
-            join this comparison as they are, the others train again (from their checkpoints).
+            join this comparison as they are (fine-tuned on any ``downstream`` task they lack), an
+            interrupted one continues from its checkpoints, the rest train.
     """
     logger = get_run_logger()
     jobs_cfg = setting_jobs(train, grid, seeds)  # bad grids fail before any work
     workdir = str(Path(workdir).resolve())
+    # downstream fine-tuning is left out: --resume with other tasks or settings fine-tunes the finished models
+    # again where a run has no score made with them (each run records what its scores were made with)
     key = fingerprint("compare", as_params(grid), seeds, *(c.model_dump() for c in (download, tokenize, vocab, train,
-                      evaluate)), downstream or [], downstream_cfg or {})
+                      evaluate)))
     earlier = earlier_comparison(experiment, key) if resume else None
     if resume and earlier is None:
         raise NothingToResume(f"--resume: no earlier comparison with these settings in experiment {experiment!r}; "
@@ -223,13 +242,13 @@ def compare(
               **({TAG_RESUMED_FROM: earlier} if earlier else {})},
     )
     logger.info("comparison run %s: %d settings x %d seeds", parent, len(jobs_cfg) // seeds, seeds)
-    done = adopt_finished(earlier, parent) if earlier else set()
-    if earlier:
-        logger.info("resuming comparison %s: %d of %d runs had finished and join this one as they are",
-                    earlier, len(done), len(jobs_cfg))
     inits = _resolve_inits(jobs_cfg, workdir)
     common = {"workdir": workdir, "parent_run_id": parent}
     try:
+        done = adopt_finished(earlier, parent) if earlier else {}
+        if earlier:
+            logger.info("resuming comparison %s: %d of %d runs had finished and join this one as they are",
+                        earlier, len(done), len(jobs_cfg))
         tracking.StageRun(parent).log_params(
             {"grid": as_params(grid), "seeds": seeds, "train": train.model_dump(),
              "evaluate": evaluate.model_dump(), "download": download.model_dump(), "workdir": workdir,
@@ -257,6 +276,10 @@ def compare(
              "downstream_cfg": downstream_cfg or {}, "resume": bool(earlier)}
             for label, seed, cfg, source in jobs_cfg if (label, seed) not in done
         ]
+        source_of = {label: source for label, _, _, source in jobs_cfg}
+        for (label, seed), run_id in done.items():  # tasks added to --downstream since those runs finished
+            _complete_downstream(run_id, seed, downstream or [], downstream_cfg or {},
+                                 prepared[source_of[label]][0]["dir"], runtime)
         if deployment:
             _fan_out(deployment, [{**j, "train": j["train"].model_dump(), "evaluate": j["evaluate"].model_dump(),
                                    "runtime": j["runtime"].model_dump()} for j in jobs])

@@ -50,11 +50,17 @@ def test_sigterm_stops_a_comparison_cleanly_and_resume_keeps_what_finished(tmp_p
     assert not [r for r in runs if r.info.status == "RUNNING"]
     assert "--resume" in out
 
-    done = subprocess.run([*command, "--resume", "--json"], cwd=tmp_path, env=env, text=True, capture_output=True,
-                          timeout=600)
+    # resumed with a downstream task added: the finished setting's model is fine-tuned on it too
+    task = tmp_path / "kw.jsonl"
+    lines = ["メロスは激怒した。", "王は笑った。", "メロスは走った。", "妹は眠った。", "メロスは友を待たせた。", "日は沈んだ。"] * 6
+    task.write_text("".join(json.dumps({"text": t, "label": "melos" if "メロス" in t else "other"},
+                                       ensure_ascii=False) + "\n" for t in lines), encoding="utf-8")
+    done = subprocess.run([*command, "--resume", "--downstream", str(task), "--downstream-max-steps", "2", "--json"],
+                          cwd=tmp_path, env=env, text=True, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     result = json.loads(done.stdout[done.stdout.index("{"):])
-    assert [r["setting"] for r in result["rows"]] == ["masking=static", "masking=dynamic"]
+    assert [r["setting"] for r in result["rows"]] == ["masking=static", "masking=dynamic", "random init (control)"]
+    assert all(0.0 <= r["finetune/kw/f1"] <= 1.0 for r in result["rows"])
     new_parent = client.get_run(result["mlflow_run_id"])
     assert new_parent.info.status == "FINISHED" and new_parent.data.tags["melos.resumed_from"] == parent.info.run_id
     children = {r.data.tags["melos.setting"]: r for r in client.search_runs(
