@@ -89,6 +89,14 @@ def compare_setting(
             "model_dir": trained["model_dir"]}
 
 
+def comparison_key(grid, seeds: int, *configs) -> str:
+    """What ``--resume`` matches comparisons by: the grid, the seeds and every stage's settings.
+    Downstream fine-tuning is left out: resuming with other tasks or settings fine-tunes the
+    finished models where they have no score made with them (each run records what its scores
+    were made with). Runtime settings (device, threads) change speed only, and are left out too."""
+    return fingerprint("compare", as_params(grid), seeds, *(c.model_dump() for c in configs))
+
+
 class NothingToResume(UserError, FileNotFoundError):
     """``--resume`` found no earlier comparison with the same settings."""
 
@@ -227,10 +235,7 @@ def compare(
     logger = get_run_logger()
     jobs_cfg = setting_jobs(train, grid, seeds)  # bad grids fail before any work
     workdir = str(Path(workdir).resolve())
-    # downstream fine-tuning is left out: --resume with other tasks or settings fine-tunes the finished models
-    # again where a run has no score made with them (each run records what its scores were made with)
-    key = fingerprint("compare", as_params(grid), seeds, *(c.model_dump() for c in (download, tokenize, vocab, train,
-                      evaluate)))
+    key = comparison_key(grid, seeds, download, tokenize, vocab, train, evaluate)
     earlier = earlier_comparison(experiment, key) if resume else None
     if resume and earlier is None:
         raise NothingToResume(f"--resume: no earlier comparison with these settings in experiment {experiment!r}; "
