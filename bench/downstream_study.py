@@ -9,7 +9,8 @@ five masking settings (15%, 30%, 40%, 30%->15%, whole-word at 15%), three seeds 
 pre-trained for the same 1,500 steps with the model of the 2.5-minute budget profile (2 layers x
 128, 2,048 tokens a step, lr 2e-3, no dropout: about 2.5 minutes a run on the idle 2-core
 machine), scored by the pipeline's fixed 15% evaluation masks and pseudo-perplexity, then
-fine-tuned on the built-in author task (4 authors, split by work) beside the random-init control.
+fine-tuned on the two built-in tasks (author attribution among the 4 authors, and the UniDic
+part of speech of each word; both split by work) beside the random-init control.
 Then it prints how to read the result: per setting the masked-LM and downstream scores with their
 spreads, each setting's pre-training gain over the control, each setting against 15%, and the
 two rankings with Kendall's tau. About an hour of idle CPU.
@@ -29,17 +30,18 @@ import sys
 from pathlib import Path
 
 AUTHORS = "35,879,148,81"  # 太宰治, 芥川竜之介, 夏目漱石, 宮沢賢治
-TASK = "aozora-authors"
+TASKS = ("aozora-authors", "aozora-pos")
 PROFILE_MODEL = ["--vocab-size", "8000", "--hidden-size", "128", "--layers", "2", "--heads", "2",
                  "--intermediate-size", "512", "--max-length", "128", "--dropout", "0", "--tokens-per-batch", "2048",
                  "--lr", "2e-3", "--warmup-ratio", "0.06"]
 MLM = ("eval/top1_accuracy", "eval/pseudo_perplexity")
+DOWNSTREAM = tuple(f"finetune/{t}/{m}" for t in TASKS for m in ("f1", "accuracy"))
 
 
 def run_study(args: argparse.Namespace, env: dict) -> str:
     melos = Path(sys.executable).with_name("melos")
     cmd = [str(melos), "compare", "--grid-file", str(Path(__file__).with_name("downstream_study.yaml")),
-           "--seeds", str(args.seeds), "--max-steps", str(args.steps), "--downstream", TASK,
+           "--seeds", str(args.seeds), "--max-steps", str(args.steps), *(x for t in TASKS for x in ("--downstream", t)),
            "--source", f"aozora:author={AUTHORS}", "--aozora-base-url", str(args.aozora.resolve()),
            *PROFILE_MODEL, "--mask-rate", "0.15", "--threads", str(args.threads), "--workdir", str(args.workdir),
            "--tracking-uri", env["MLFLOW_TRACKING_URI"], "--experiment", "downstream-study", "--json"]
@@ -56,46 +58,48 @@ def read(comparison: str) -> tuple[list[dict], list[dict]]:
     from tasks import tracking
 
     results = collect_results(comparison)
-    history = tracking.client().get_metric_history(comparison, f"finetune/{TASK}/f1")
-    controls = [{"label": CONTROL_LABEL, "seed": m.step, "metrics": {f"finetune/{TASK}/f1": m.value}}
-                for m in sorted(history, key=lambda m: m.step)]
-    return results, controls
+    per_seed: dict[int, dict] = {}
+    for m in DOWNSTREAM:  # the control's scores are logged on the comparison run, one step per seed
+        for point in tracking.client().get_metric_history(comparison, m):
+            per_seed.setdefault(point.step, {})[m] = point.value
+    return results, [{"label": CONTROL_LABEL, "seed": s, "metrics": v} for s, v in sorted(per_seed.items())]
+
+
+def _verdict(value: bool | None) -> str:
+    return "n/a" if value is None else "yes" if value else "no"
 
 
 def report(comparison: str) -> None:
     from mlm_core.grid import beyond_noise, differences_table, kendall_tau, markdown_table, ranking, summarise
 
     results, controls = read(comparison)
-    f1 = f"finetune/{TASK}/f1"
-    metrics = [*MLM, f1]
+    downstream = [m for m in DOWNSTREAM if any(m in r["metrics"] for r in results)]
+    metrics = [*MLM, *downstream]
     rows = summarise(results, metrics)
-    control = next(iter(summarise(controls, [f1])), None)  # none yet while the comparison runs
+    control = next(iter(summarise(controls, downstream)), None)  # none yet while the comparison runs
     print(f"# comparison run {comparison}: {len(results)} finished runs, control over "
           f"{control['runs'] if control else 0} seeds\n")
     print(markdown_table([*rows, *([control] if control else [])], metrics), "\n")
     if control:
-        print("## Pre-training gain of each setting over the random-init control (downstream macro F1)\n")
-        print("| setting | gain | beyond the noise |\n|---|---|---|")
+        print("## Pre-training gain of each setting over the random-init control\n")
+        print("| setting | " + " | ".join(f"gain {m} (beyond the noise?)" for m in downstream) + " |")
+        print("|---|" + "---|" * len(downstream))
         for r in rows:
-            verdict = beyond_noise(r, control, f1)
-            print(f"| {r['setting']} | {r[f1] - control[f1]:+.4f} | "
-                  f"{'n/a' if verdict is None else 'yes' if verdict else 'no'} |")
+            print(f"| {r['setting']} | " + " | ".join(
+                f"{r[m] - control[m]:+.4f} ({_verdict(beyond_noise(r, control, m))})" for m in downstream) + " |")
     print("\n## Against 15% (the first setting)\n")
     print(differences_table(rows, metrics), "\n")
     print("## Rankings\n")
     for m in metrics:
         print(f"- by `{m}`: {ranking(rows, m)}")
-    for m in MLM:
-        print(f"- Kendall tau of the downstream F1 against `{m}`: {kendall_tau(rows, m, f1):+.2f}")
+    for d in downstream:
+        for m in MLM:
+            print(f"- Kendall tau of `{d}` against `{m}`: {kendall_tau(rows, m, d):+.2f}")
     print()
-    for r in rows:
-        key = r["setting"].replace(" ", "_")
+    for r in [*rows, *([control] if control else [])]:
         for m in metrics:
-            print(f"{key}:{m.split('/')[-1]}={r[m]:.4f}+-{r[f'{m}:spread']:.4f}")
-    if control:
-        print(f"control:{f1.split('/')[-1]}={control[f1]:.4f}+-{control[f'{f1}:spread']:.4f}")
-    if any(math.isnan(r[m]) for r in rows for m in metrics):
-        print("# some runs lack a metric (unfinished or failed runs are left out)")
+            if not math.isnan(r.get(m, math.nan)):
+                print(f"{r['setting'].replace(' ', '_')}:{m}={r[m]:.4f}+-{r[f'{m}:spread']:.4f}")
 
 
 def main() -> None:
