@@ -69,6 +69,28 @@ def _verdict(value: bool | None) -> str:
     return "n/a" if value is None else "yes" if value else "no"
 
 
+def paired(results: list[dict], controls: list[dict], a: str, b: str, metric: str) -> tuple[float, float, float] | None:
+    """Mean and spread of the per-seed differences a - b (the same seed is the same fine-tuning
+    split and order for every setting and the control), and the paired t-test's two-sided p."""
+    def by_seed(label):
+        rows = controls if label == "control" else [r for r in results if r["label"] == label]
+        return {r["seed"]: r["metrics"].get(metric, math.nan) for r in rows}
+
+    x, y = by_seed(a), by_seed(b)
+    diffs = [x[s] - y[s] for s in sorted(set(x) & set(y)) if not math.isnan(x[s] - y[s])]
+    if len(diffs) < 2:
+        return None
+    mean = sum(diffs) / len(diffs)
+    sd = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
+    try:
+        from scipy.stats import ttest_1samp
+
+        p = float(ttest_1samp(diffs, 0.0).pvalue)
+    except ImportError:  # scipy is not a Melos dependency
+        p = math.nan
+    return mean, sd, p
+
+
 def report(comparison: str) -> None:
     from mlm_core.grid import beyond_noise, differences_table, kendall_tau, markdown_table, ranking, summarise
 
@@ -76,7 +98,7 @@ def report(comparison: str) -> None:
     downstream = [m for m in DOWNSTREAM if any(m in r["metrics"] for r in results)]
     metrics = [*MLM, *downstream]
     rows = summarise(results, metrics)
-    control = next(iter(summarise(controls, downstream)), None)  # none yet while the comparison runs
+    control = next(iter(summarise(controls, metrics)), None)  # none yet while the comparison runs
     print(f"# comparison run {comparison}: {len(results)} finished runs, control over "
           f"{control['runs'] if control else 0} seeds\n")
     print(markdown_table([*rows, *([control] if control else [])], metrics), "\n")
@@ -87,6 +109,15 @@ def report(comparison: str) -> None:
         for r in rows:
             print(f"| {r['setting']} | " + " | ".join(
                 f"{r[m] - control[m]:+.4f} ({_verdict(beyond_noise(r, control, m))})" for m in downstream) + " |")
+    print("\n## Paired by seed (seed k: the same fine-tuning split of works for every row)\n")
+    print("| comparison | metric | mean difference ± spread | paired t-test p |\n|---|---|---|---|")
+    labels = [r["setting"] for r in rows]
+    pairs = [(label, "control") for label in labels] + [(label, labels[0]) for label in labels[1:]]
+    for a, b in pairs:
+        for m in downstream if b == "control" else metrics:
+            got = paired(results, controls, a, b, m)
+            if got:
+                print(f"| {a} − {b} | `{m}` | {got[0]:+.4f} ± {got[1]:.4f} | {got[2]:.3f} |")
     print("\n## Against 15% (the first setting)\n")
     print(differences_table(rows, metrics), "\n")
     print("## Rankings\n")
