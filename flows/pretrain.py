@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 from mlm_core.config import DownloadConfig, EvalConfig, RuntimeConfig, TokenizeConfig, TrainConfig, VocabConfig
 from mlm_core.download import download_key
 from mlm_core.shards import tokenize_key
+from mlm_core.train import ResumeError
 from mlm_core.vocab import vocab_key
 from tasks import locks, tracking
 from tasks.common import run_cached, stage_dir
@@ -110,15 +111,6 @@ def pretrain(
             vocabulary = data_stage(adopt_vocab_stage, "vocab", adopted_key(shards, init), shards=shards, init=init,
                                     **common)
         run_dir = train_run_dir(shards, vocabulary, train, workdir, init)
-        if resume and profile is not None and profile.applied and not (run_dir / "checkpoints").is_dir():
-            from mlm_core.train import ResumeError
-
-            raise ResumeError(
-                f"resume requested, but no earlier run with these settings exists ({run_dir}); the settings you "
-                f"did not give came from budget profile {profile.profile.name} ({', '.join(profile.applied)}), "
-                "which --budget-minutes and the compute (--threads, --nproc-per-node, --nnodes, device) choose: "
-                "resume with the interrupted run's budget and compute, or give those settings as flags"
-            )
         # held until the model is evaluated and published: a second run with these settings
         # would otherwise replace or move this run's checkpoints and model under it
         with locks.acquire_run_lock(run_dir.with_name(run_dir.name + ".lock"), parent, on_busy, logger.info) as lock:
@@ -129,9 +121,19 @@ def pretrain(
                     initial = initial_evaluate_stage(
                         shards=shards, vocab=vocabulary, init=init, cfg=evaluate, runtime=runtime, **common
                     )
-                trained = train_stage(
-                    shards=shards, vocab=vocabulary, cfg=train, runtime=runtime, resume=resume, init=init, **common
-                )
+                try:
+                    trained = train_stage(
+                        shards=shards, vocab=vocabulary, cfg=train, runtime=runtime, resume=resume, init=init, **common
+                    )
+                except ResumeError as exc:
+                    if profile is None or not profile.applied:
+                        raise
+                    raise ResumeError(  # the settings that found no run to resume were partly the profile's
+                        f"{exc}; the settings you did not give came from budget profile {profile.profile.name} "
+                        f"({', '.join(profile.applied)}), which --budget-minutes and the compute (--threads, "
+                        "--nproc-per-node, --nnodes, device) choose: resume with the interrupted run's budget and "
+                        "compute, or give those settings as flags"
+                    ) from exc
                 # what the steps bought, on the run `melos runs` and the MLflow UI's run list show
                 tracking.StageRun(parent).log_metrics(
                     {k: v for k, v in trained["metrics"].items()
