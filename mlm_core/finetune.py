@@ -448,57 +448,59 @@ def finetune(
         torch.manual_seed(seed + 1_000_003)  # the head starts the same in both arms of a seed
         return FinetuneModel(body, len(labels), data.kind, cfg.classifier_dropout)
 
+    def train_arm(init: str, seed: int, keep_model: bool, step_cb) -> tuple[dict, str]:
+        """Train and score one arm; sets ``result.model`` when ``keep_model``."""
+        run = {"init": init, "seed": seed}
+        if data.folds is None:
+            model = fresh(init, seed)
+            stats = train_head(model, enc_all["train"], cfg, seed, device, amp_dtype, step_cb)
+            run["test"] = score(data.kind, data.test, predict_ids(model, enc_all["test"], device, amp_dtype=amp_dtype), labels)
+            if data.dev:
+                run["dev"] = score(data.kind, data.dev, predict_ids(model, enc_all["dev"], device, amp_dtype=amp_dtype), labels)
+            if keep_model:
+                result.model = model.cpu()
+        else:  # k-fold: pool the held-out predictions of every fold
+            pooled: dict[int, list[int]] = {}
+            stats = TrainStats()
+            for k, held in enumerate(data.folds):
+                held_set = set(held)
+                rest = [i for i in range(len(data.train)) if i not in held_set]
+                sub = _subset(enc_all["train"], rest)
+                model = fresh(init, seed)
+                st = train_head(model, sub, cfg, seed * 100 + k, device, amp_dtype, step_cb)
+                for key in ("steps", "tokens", "slots", "seconds"):
+                    setattr(stats, key, getattr(stats, key) + getattr(st, key))
+                stats.final_loss = st.final_loss
+                for i, p in zip(held, predict_ids(model, _subset(enc_all["train"], held), device, amp_dtype=amp_dtype)):
+                    pooled[i] = p
+                if keep_model and k == len(data.folds) - 1:
+                    result.model = model.cpu()
+            order = sorted(pooled)
+            run["test"] = score(data.kind, [data.train[i] for i in order], [pooled[i] for i in order], labels)
+        run.update(steps=stats.steps, tokens=stats.tokens, padding_share=1 - stats.tokens / max(stats.slots, 1),
+                   seconds=round(stats.seconds, 3), tokens_per_s=round(stats.tokens_per_s, 1),
+                   final_loss=stats.final_loss)
+        return run, f"{stats.steps} steps, {stats.seconds:.1f}s"
+
     for s in range(cfg.seeds):
         seed = cfg.seed + s
         for init in inits:
-            run = {"init": init, "seed": seed}
             tag = f"{init}/seed {seed}"
             step_cb = (lambda step, loss, _t=tag: on_step(_t, seed, step, loss)) if on_step else None
-            keeps_model = init == "pretrained" and result.model is None  # the arm whose model is returned
-            done = arms.load(init, seed, keeps_model) if arms is not None else None
+            keep_model = init == "pretrained" and result.model is None  # the arm whose model is returned
+            done = arms.load(init, seed, keep_model) if arms is not None else None
             if done is not None:
                 run, model_state = done
-                if keeps_model:
+                if keep_model:
                     result.model = fresh(init, seed)
                     result.model.load_state_dict(model_state)
                     result.model.eval()
-                log(f"{tag}: test f1 {run['test']['f1']:.4f} accuracy {run['test']['accuracy']:.4f} "
-                    f"(resumed: recorded by an earlier, interrupted fine-tuning)")
-                result.runs.append(run)
-                continue
-            if data.folds is None:
-                model = fresh(init, seed)
-                stats = train_head(model, enc_all["train"], cfg, seed, device, amp_dtype, step_cb)
-                run["test"] = score(data.kind, data.test, predict_ids(model, enc_all["test"], device, amp_dtype=amp_dtype), labels)
-                if data.dev:
-                    run["dev"] = score(data.kind, data.dev, predict_ids(model, enc_all["dev"], device, amp_dtype=amp_dtype), labels)
-                if init == "pretrained" and result.model is None:
-                    result.model = model.cpu()
-            else:  # k-fold: pool the held-out predictions of every fold
-                pooled: dict[int, list[int]] = {}
-                stats = TrainStats()
-                for k, held in enumerate(data.folds):
-                    held_set = set(held)
-                    rest = [i for i in range(len(data.train)) if i not in held_set]
-                    sub = _subset(enc_all["train"], rest)
-                    model = fresh(init, seed)
-                    st = train_head(model, sub, cfg, seed * 100 + k, device, amp_dtype, step_cb)
-                    for key in ("steps", "tokens", "slots", "seconds"):
-                        setattr(stats, key, getattr(stats, key) + getattr(st, key))
-                    stats.final_loss = st.final_loss
-                    for i, p in zip(held, predict_ids(model, _subset(enc_all["train"], held), device, amp_dtype=amp_dtype)):
-                        pooled[i] = p
-                    if init == "pretrained" and result.model is None and k == len(data.folds) - 1:
-                        result.model = model.cpu()
-                order = sorted(pooled)
-                run["test"] = score(data.kind, [data.train[i] for i in order], [pooled[i] for i in order], labels)
-            run.update(steps=stats.steps, tokens=stats.tokens, padding_share=1 - stats.tokens / max(stats.slots, 1),
-                       seconds=round(stats.seconds, 3), tokens_per_s=round(stats.tokens_per_s, 1),
-                       final_loss=stats.final_loss)
-            log(f"{tag}: test f1 {run['test']['f1']:.4f} accuracy {run['test']['accuracy']:.4f} "
-                f"({stats.steps} steps, {stats.seconds:.1f}s)")
-            if arms is not None:
-                arms.save(init, seed, run, result.model if keeps_model else None)
+                how = "resumed: recorded by an earlier, interrupted fine-tuning"
+            else:
+                run, how = train_arm(init, seed, keep_model, step_cb)
+                if arms is not None:
+                    arms.save(init, seed, run, result.model if keep_model else None)
+            log(f"{tag}: test f1 {run['test']['f1']:.4f} accuracy {run['test']['accuracy']:.4f} ({how})")
             result.runs.append(run)
     result.summary = summarize(result.runs)
     return result
