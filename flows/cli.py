@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(v, "melos", "print the metrics as JSON (eval/... names)")
     # here the corpus is the point, so every held-out sentence is scored unless a sample is asked for
     [sample] = [a for a in v._actions if a.dest == "evaluate.max_sentences"]
-    sample.help = sample.help.replace("(default: 4000)", "(default: every sentence)")
+    sample.help = sample.help.replace(f"(default: {EvalConfig.model_fields['max_sentences'].default})",
+                                      "(default: every sentence)")
 
     c = _command(
         sub, "compare", "compare training settings over seeds on one prepared dataset (table + plots in MLflow)",
