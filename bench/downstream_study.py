@@ -13,7 +13,7 @@ fine-tuned on the two built-in tasks (author attribution among the 4 authors, an
 part of speech of each word; both split by work) beside the random-init control.
 Then it prints how to read the result: per setting the masked-LM and downstream scores with their
 spreads, each setting's pre-training gain over the control, each setting against 15%, and the
-two rankings with Kendall's tau. About an hour of idle CPU.
+rankings with Kendall's tau (the reading `melos compare` writes under its table). About an hour of idle CPU.
 
     .venv/bin/python bench/downstream_study.py --aozora ../shared/aozora
     .venv/bin/python bench/downstream_study.py --workdir melos-study --report RUN_ID   # read a finished one again
@@ -76,12 +76,13 @@ def paired(results: list[dict], controls: list[dict], a: str, b: str, metric: st
         rows = controls if label == "control" else [r for r in results if r["label"] == label]
         return {r["seed"]: r["metrics"].get(metric, math.nan) for r in rows}
 
+    from mlm_core.grid import mean_spread
+
     x, y = by_seed(a), by_seed(b)
     diffs = [x[s] - y[s] for s in sorted(set(x) & set(y)) if not math.isnan(x[s] - y[s])]
     if len(diffs) < 2:
         return None
-    mean = sum(diffs) / len(diffs)
-    sd = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
+    mean, sd = mean_spread(diffs)
     try:
         from scipy.stats import ttest_1samp
 
@@ -92,7 +93,8 @@ def paired(results: list[dict], controls: list[dict], a: str, b: str, metric: st
 
 
 def report(comparison: str) -> None:
-    from mlm_core.grid import beyond_noise, differences_table, kendall_tau, markdown_table, ranking, summarise
+    from flows.compare import reading
+    from mlm_core.grid import beyond_noise, markdown_table, summarise
 
     results, controls = read(comparison)
     downstream = [m for m in DOWNSTREAM if any(m in r["metrics"] for r in results)]
@@ -118,15 +120,8 @@ def report(comparison: str) -> None:
             got = paired(results, controls, a, b, m)
             if got:
                 print(f"| {a} − {b} | `{m}` | {got[0]:+.4f} ± {got[1]:.4f} | {got[2]:.3f} |")
-    print("\n## Against 15% (the first setting)\n")
-    print(differences_table(rows, metrics), "\n")
-    print("## Rankings\n")
-    for m in metrics:
-        print(f"- by `{m}`: {ranking(rows, m)}")
-    for d in downstream:
-        for m in MLM:
-            print(f"- Kendall tau of `{d}` against `{m}`: {kendall_tau(rows, m, d):+.2f}")
     print()
+    print("\n".join(reading(rows, rows, list(MLM), downstream)))
     for r in [*rows, *([control] if control else [])]:
         for m in metrics:
             if not math.isnan(r.get(m, math.nan)):

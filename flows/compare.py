@@ -331,11 +331,9 @@ def _controls(parent: str, results: list[dict], downstream: list[str], cfg: dict
     return [{"label": CONTROL_LABEL, "seed": train.seed + i, "metrics": m} for i, m in enumerate(per_seed)]
 
 
-def _reading(rows: list[dict], setting_rows: list[dict], metrics: list[str]) -> list[str]:
+def reading(rows: list[dict], setting_rows: list[dict], mlm: list[str], downstream: list[str]) -> list[str]:
     """Markdown lines on what the table says: each row against the first setting, beyond the
     noise or not, and (with downstream scores) whether the downstream and masked-LM rankings agree."""
-    downstream = [m for m in metrics if m.startswith("finetune/") and m.endswith("/f1")]
-    mlm = [m for m in ("eval/top1_accuracy", "eval/pseudo_perplexity", "eval/pll_per_char") if m in metrics]
     out = []
     if len(rows) > 1:
         out += ["## Against the first setting", "",
@@ -379,7 +377,9 @@ def _report(parent: str, results: list[dict], grid: dict | list, seeds: int, tra
            f"for NER); the row '{CONTROL_LABEL}' fine-tunes the same architecture from random weights"]
           if controls else []),
         "", table, "",
-        *_reading(rows, setting_rows, metrics),
+        *reading(rows, setting_rows,
+                 [m for m in ("eval/top1_accuracy", "eval/pseudo_perplexity", "eval/pll_per_char") if m in metrics],
+                 [m for m in metrics if m.startswith("finetune/") and m.endswith("/f1")]),
     ])
     run = tracking.StageRun(parent)
     # kept in the work directory too, so the command can name files a person can open
